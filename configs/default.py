@@ -1,0 +1,114 @@
+"""Base config: every field a user may override lives here.
+
+Variants (`dreambooth.py`, `tiny.py`, ...) import `get_config` from this file and
+change a few fields. Override any field from the command line, e.g.
+`--config.learning_rate=2e-6 --config.data.instance_dir=/photos/dog`.
+"""
+import ml_collections
+
+from dpg_jax import critic
+
+
+def get_config():
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  # --- Models -----------------------------------------------------------------
+  c.model = ml_collections.ConfigDict()
+  # Hub id (e.g. 'CompVis/stable-diffusion-v1-4') or a local directory in
+  # diffusers layout (unet/, vae/, text_encoder/, tokenizer/, scheduler/).
+  c.model.pretrained = 'CompVis/stable-diffusion-v1-4'
+  c.model.revision = ''            # hub revision/branch ('' = default; 'flax' for SD1.4 msgpack)
+  c.model.weights_format = 'auto'  # auto | flax | safetensors | pytorch
+  # If non-empty, build this tiny random-init SD (see dpg_jax/tiny.py) into
+  # <workdir>/pretrained_tiny once and load it from there (no network).
+  c.model.tiny = ''
+  c.model.dtype = 'float32'        # compute dtype: float32 | bfloat16 (master weights stay fp32)
+  c.model.remat = False            # nn.remat around UNet blocks (activation memory for compute)
+  c.model.attention = 'standard'   # standard | memory_efficient | split_head_dim
+
+  # --- Subject data -----------------------------------------------------------
+  c.data = ml_collections.ConfigDict()
+  c.data.instance_dir = ''         # folder of the subject's photos
+  c.data.subject = ''              # or a subject of a dataset, e.g. 'dog' (see dpg_jax/datasets)
+  c.data.dataset = 'dreambench'    # dataset that `subject` is looked up in
+  c.data.dataset_dir = ''          # manual_dir of that dataset ('' = ../shared/data/dreambench if present)
+  c.data.synthetic = False         # generate a synthetic subject into <workdir>/instance_images
+  c.data.identifier = 'sks'
+  c.data.class_noun = 'dog'
+  c.data.instance_prompt = ''      # '' = 'a photo of {identifier} {class_noun}'
+  c.data.class_prompt = ''         # '' = 'a photo of {class_noun}'
+  c.data.resolution = 512
+  c.data.center_crop = True
+  c.data.random_flip = False
+  c.data.min_instance_images = 1
+  # Prior preservation: class images from this folder ('' = <workdir>/class_images);
+  # missing ones are generated with the frozen model and saved there.
+  c.data.class_dir = ''
+  c.data.num_class_images = 8
+  c.data.class_sample_steps = 50
+  c.data.class_guidance_scale = 7.5
+
+  # --- Optimisation (DreamBooth baseline) -------------------------------------
+  c.num_steps = 1000
+  c.batch_size = 1                 # instance images per step (plus as many class images)
+  c.grad_accum_steps = 1
+  c.learning_rate = 1e-6
+  c.lr_schedule = 'constant'       # constant | cosine | linear
+  c.warmup_steps = 0
+  c.adam_b1 = 0.9
+  c.adam_b2 = 0.999
+  c.adam_eps = 1e-8
+  c.weight_decay = 1e-2
+  c.max_grad_norm = 1.0
+  c.train_text_encoder = True
+  c.prior_preservation = True
+  c.prior_loss_weight = 1.0
+  c.prediction_type = ''           # '' = the scheduler's; epsilon | v_prediction
+
+  # --- DPG (critic in latent space; see dpg_jax/dpg.py) -----------------------
+  c.dpg = ml_collections.ConfigDict()
+  c.dpg.enabled = False
+  # Rewards and their weights lambda_i: 'name:weight,...' from the registry in
+  # dpg_jax/rewards.py (reconstruction, look_forward, dino, clip_image, clip_text,
+  # or a registered host reward).
+  c.dpg.rewards = 'look_forward:1.0'
+  c.dpg.gamma = 0.9986             # discount of Eq. 9 (policy term weighted by gamma**t)
+  c.dpg.instance_mse_weight = 0.0  # ||eps - eps_hat||^2 on instance images (0 = authors' look-forward)
+  # The critic: 'faithful' = the authors' (SGD 0.01, raw targets); see critic.critic_config.
+  c.dpg.critic = critic.critic_config('faithful')
+  c.dpg.critic.input = 'auto'      # auto = each reward's own (residual for look_forward, x0_hat for dino)
+  c.dpg.dino_model = 'facebook/dino-vits16'          # hub id, HF dir or original DINO .pth
+  c.dpg.clip_model = 'openai/clip-vit-base-patch32'  # hub id or HF dir
+  c.dpg.tiny_encoders = False      # build tiny random DINO/CLIP in the workdir (tests, demos)
+  c.dpg.reference_mode = 'mean'    # mean | per_image reference embedding for dino/clip_image
+  c.dpg.dino_direct = False        # differentiate the DINO cost directly (no critic for it)
+
+  # --- Sampling (previews during training and `--mode=sample`) ----------------
+  c.sample = ml_collections.ConfigDict()
+  c.sample.prompts = ('a photo of {identifier} {class_noun}',
+                      'a {identifier} {class_noun} on the beach')
+  c.sample.negative_prompt = ''
+  c.sample.seed = 0
+  c.sample.num_images_per_prompt = 4
+  c.sample.scheduler = 'ddim'      # ddim | pndm | dpm_solver
+  c.sample.num_inference_steps = 50
+  c.sample.guidance_scale = 7.5
+  c.sample.batch_size = 8          # images per compiled call (global; split over devices)
+  c.sample.source = ''             # --mode=sample: workdir or exported pipeline dir ('' = --workdir)
+  c.sample.output_dir = ''         # --mode=sample: '' = <workdir>/samples
+
+  # --- Loop side effects ------------------------------------------------------
+  c.log_every = 10
+  c.checkpoint_every = 250
+  c.max_to_keep = 2
+  c.sample_every = 500             # 0 = only at the end; sample.prompts=() = never
+  c.export = True                  # export the fine-tuned pipeline to <workdir>/export
+
+  # --- Devices ----------------------------------------------------------------
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1                 # size of the 'data' axis (-1 = all devices)
+  c.mesh.param_sharding = 'replicate'  # replicate | fsdp (split params/opt state over 'data')
+  c.distributed = False            # jax.distributed.initialize() (multi-host TPU/GPU)
+  c.compilation_cache_dir = ''
+  return c

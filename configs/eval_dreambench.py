@@ -1,0 +1,84 @@
+"""DreamBench evaluation of the SD1.4 methods (the protocol of the paper's Table 1).
+
+Every (subject, method) is trained with the method's config into
+<workdir>/runs/<method>/<subject>, then `images_per_prompt` images per prompt
+(seeds seed..seed+n-1, the same for every prompt and method) are generated for
+the subject's 25 DreamBench prompts and scored with DINO ViT-S/16, CLIP-I and
+CLIP-T (ViT-B/32). 4 images per prompt as in the DreamBooth paper (3000 images
+per method); the DPG code used 8 (`--config.images_per_prompt=8`). Sampling:
+PNDM, 50 steps, guidance 7.5 (the SD1.4 pipeline defaults). Kill and rerun the
+same command to continue where it stopped.
+
+  python -m dpg_jax.evaluate --config=configs/eval_dreambench.py --workdir=runs/eval \
+      --config.dataset_dir=/data/dreambooth/dataset
+  python -m dpg_jax.evaluate --config=configs/eval_dreambench.py --workdir=runs/eval_dog \
+      --config.subjects="('dog',)" --config.methods="('dreambooth',)" \
+      --config.train.num_steps=200
+"""
+import ml_collections
+from ml_collections import config_dict
+
+
+def get_config():
+  c = ml_collections.ConfigDict()
+  c.seed = 0                        # image i of every prompt uses seed + i
+
+  # --- Methods: name -> training config file ('path' or 'path:arg') ------------
+  c.methods = ('dreambooth', 'dreambooth_dpg')
+  c.method_configs = ml_collections.ConfigDict({
+      'dreambooth': 'configs/dreambooth.py',
+      'dreambooth_dpg': 'configs/dreambooth_dpg.py',
+      'dreambooth_dpg_robust': 'configs/dreambooth_dpg.py:robust',
+      'dreambooth_dpg_dino': 'configs/dreambooth_dpg_dino.py',
+      'tiny': 'configs/tiny.py',
+      'tiny_dpg': 'configs/tiny_dpg.py',
+  })
+  # Overrides of every method's training config (None = keep the method's).
+  c.train = ml_collections.ConfigDict()
+  c.train.num_steps = config_dict.placeholder(int)
+  c.train.learning_rate = config_dict.placeholder(float)
+  c.train.checkpoint_every = config_dict.placeholder(int)
+  c.train.sample_every = 0          # previews are not needed: the evaluation samples
+  c.train.export = True
+  c.keep_checkpoints = False        # delete a run's checkpoints once export/ exists
+  c.keep_exports = True             # False: delete export/ after its images are scored
+  # Class images depend only on base model, class prompt and sampling: runs
+  # that share those (e.g. dreambooth and dreambooth_dpg on 'dog') share them.
+  c.share_class_images = True
+
+  # --- Subjects ---------------------------------------------------------------
+  c.dataset = 'dreambench'
+  c.dataset_dir = ''                # manual dir; '' = ../shared/data/dreambench if present
+  c.subjects = ()                   # () = all 30 (the missing ones are listed, not evaluated)
+  c.synthetic_subjects = 0          # > 0: that many synthetic subjects instead of a dataset
+  c.synthetic_resolution = 64
+  c.synthetic_class_noun = 'toy'
+  c.identifier = 'sks'
+  c.prompts_limit = 0               # 0 = all 25 prompts per subject
+  c.images_per_prompt = 4
+
+  # --- Sampling ---------------------------------------------------------------
+  c.sample = ml_collections.ConfigDict()
+  c.sample.scheduler = 'pndm'       # ddim | pndm | dpm_solver
+  c.sample.num_inference_steps = 50
+  c.sample.guidance_scale = 7.5
+  c.sample.negative_prompt = ''
+  c.sample.batch_size = 8           # images per compiled call (several prompts fill it)
+  c.sample.resolution = 0           # 0 = the method's data.resolution
+
+  # --- Metrics ----------------------------------------------------------------
+  c.scorer = ml_collections.ConfigDict()
+  c.scorer.dino_model = 'facebook/dino-vits16'          # hub id, HF dir or DINO .pth
+  c.scorer.clip_model = 'openai/clip-vit-base-patch32'  # hub id or HF dir
+  c.scorer.tiny = False             # tiny random encoders built in the workdir (tests)
+  c.scorer.batch_size = 32
+
+  # --- Devices ----------------------------------------------------------------
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1
+  c.distributed = False
+  c.compilation_cache_dir = ''
+  # '' above: cache compiled programs in <workdir>/xla_cache, so runs of one
+  # method (identical train steps) and a resumed evaluation skip recompiling.
+  c.workdir_compilation_cache = True
+  return c

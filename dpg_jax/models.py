@@ -1,0 +1,439 @@
+"""Stable Diffusion components: the container the rest of dpg_jax codes against.
+
+Conventions used everywhere in dpg_jax:
+  * latents are NCHW float [B, 4, h, w], *scaled* by `scaling_factor` unless a
+    name says `raw`;
+  * images on device are NHWC float in [-1, 1]; on the host NHWC uint8;
+  * params are a dict {'unet', 'vae', 'text_encoder'} of fp32 pytrees (master
+    weights); modules compute in `dtype`.
+"""
+import dataclasses
+import functools
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import threading
+from typing import Any
+
+import flax
+from flax import traverse_util
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dpg_jax import weights
+
+Params = Any
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class StableDiffusion:
+  """Stateless Flax modules + tokenizer + noise schedule of one SD pipeline."""
+  unet: Any             # diffusers FlaxUNet2DConditionModel (linen module)
+  vae: Any              # diffusers FlaxAutoencoderKL (linen module)
+  text_encoder: Any     # transformers FlaxCLIPTextModel (wrapper; `.module` is linen)
+  tokenizer: Any        # transformers CLIPTokenizer
+  scheduler_config: dict  # diffusers scheduler config (scheduler/scheduler_config.json)
+  source: str = ''      # where it was loaded from (for messages / export)
+  dtype: str = 'float32'        # compute dtype of the modules
+  remat: bool = False           # UNet blocks wrapped in nn.remat
+  attention: str = 'standard'   # standard | memory_efficient | split_head_dim
+
+  # -- static facts ------------------------------------------------------------
+  @property
+  def scaling_factor(self) -> float:
+    return float(getattr(self.vae.config, 'scaling_factor', 0.18215))
+
+  @property
+  def vae_scale(self) -> int:
+    return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+  @property
+  def latent_channels(self) -> int:
+    return int(self.unet.config.in_channels)
+
+  @property
+  def max_length(self) -> int:
+    return int(self.tokenizer.model_max_length)
+
+  @property
+  def prediction_type(self) -> str:
+    return self.scheduler_config.get('prediction_type', 'epsilon')
+
+  @property
+  def num_train_timesteps(self) -> int:
+    return int(self.scheduler_config.get('num_train_timesteps', 1000))
+
+  def alphas_cumprod(self) -> jnp.ndarray:
+    """abar_t of the training noise schedule, float32 [T]."""
+    from diffusers import FlaxDDPMScheduler  # pylint: disable=g-import-not-at-top
+    sched = FlaxDDPMScheduler.from_config(self.scheduler_config)
+    return jnp.asarray(sched.create_state().common.alphas_cumprod, jnp.float32)
+
+  # -- host helpers --------------------------------------------------------------
+  def tokenize(self, prompts) -> np.ndarray:
+    """int32 [N, max_length], padded to the model's max length."""
+    ids = self.tokenizer(list(prompts), padding='max_length', max_length=self.max_length,
+                         truncation=True, return_tensors='np').input_ids
+    return np.asarray(ids, np.int32)
+
+  # -- pure functions (jit-able) ------------------------------------------------
+  def encode_text(self, te_params, input_ids, train: bool = False):
+    """CLIP last hidden state [B, L, D] (what SD's UNet cross-attends to)."""
+    # SD1.x conditions on all 77 positions with no attention mask.
+    input_ids = jnp.asarray(input_ids, jnp.int32)
+    position_ids = jnp.broadcast_to(jnp.arange(input_ids.shape[-1]), input_ids.shape)
+    return self.text_encoder.module.apply(
+        {'params': te_params}, input_ids, jnp.ones_like(input_ids), position_ids,
+        deterministic=not train)[0].astype(jnp.float32)
+
+  def predict(self, unet_params, latents, timesteps, context):
+    """UNet output (eps or v) for NCHW latents; returned in float32."""
+    out = self.unet.apply({'params': unet_params}, latents, timesteps, context).sample
+    return out.astype(jnp.float32)
+
+  def encode_images(self, vae_params, images):
+    """NHWC images in [-1, 1] -> (mean, std) of the raw (unscaled) NCHW latent."""
+    dist = self.vae.apply({'params': vae_params}, jnp.transpose(images, (0, 3, 1, 2)),
+                          method=self.vae.encode).latent_dist
+    to_nchw = lambda x: jnp.transpose(x, (0, 3, 1, 2)).astype(jnp.float32)
+    return to_nchw(dist.mean), to_nchw(dist.std)
+
+  def decode_latents(self, vae_params, latents):
+    """Scaled NCHW latents -> NHWC images in [-1, 1] (not clipped)."""
+    x = self.vae.apply({'params': vae_params}, latents / self.scaling_factor,
+                       method=self.vae.decode).sample
+    return jnp.transpose(x, (0, 2, 3, 1)).astype(jnp.float32)
+
+
+# -----------------------------------------------------------------------------
+# Loading / saving.
+# -----------------------------------------------------------------------------
+COMPONENTS = ('unet', 'vae', 'text_encoder', 'tokenizer', 'scheduler')
+WEIGHTS_FORMATS = ('auto', 'flax', 'safetensors', 'pytorch')
+ATTENTIONS = ('standard', 'memory_efficient', 'split_head_dim')
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+
+# Weight files per (library, format), in the order they are looked for.
+_WEIGHT_FILES = {
+    'diffusers': {
+        'flax': ('diffusion_flax_model.msgpack',),
+        'safetensors': ('diffusion_pytorch_model.safetensors',
+                        'diffusion_pytorch_model.safetensors.index.json'),
+        'pytorch': ('diffusion_pytorch_model.bin', 'diffusion_pytorch_model.bin.index.json'),
+    },
+    'transformers': {
+        'flax': ('flax_model.msgpack',),
+        'safetensors': ('model.safetensors', 'model.safetensors.index.json'),
+        'pytorch': ('pytorch_model.bin', 'pytorch_model.bin.index.json'),
+    },
+}
+_LIBRARY = {'unet': 'diffusers', 'vae': 'diffusers', 'text_encoder': 'transformers'}
+_CONFIG_FILES = {'unet': 'config.json', 'vae': 'config.json', 'text_encoder': 'config.json',
+                 'tokenizer': 'vocab.json', 'scheduler': 'scheduler_config.json'}
+_HUB_ID = re.compile(r'[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*')
+
+MODEL_INDEX = {
+    # PyTorch-style names as in SD1.4; diffusers' Flax loader prepends 'Flax'.
+    '_class_name': 'StableDiffusionPipeline',
+    'feature_extractor': [None, None],
+    'safety_checker': [None, None],
+    'scheduler': ['diffusers', 'DDPMScheduler'],
+    'text_encoder': ['transformers', 'CLIPTextModel'],
+    'tokenizer': ['transformers', 'CLIPTokenizer'],
+    'unet': ['diffusers', 'UNet2DConditionModel'],
+    'vae': ['diffusers', 'AutoencoderKL'],
+}
+
+
+class _DropFlaxDeprecation(logging.Filter):
+
+  def filter(self, record):
+    return 'Flax classes are deprecated' not in record.getMessage()
+
+
+def quiet_diffusers():
+  """Drops diffusers' Flax deprecation warning (idempotent)."""
+  # diffusers' Flax modules log it in every setup(), i.e. at every trace; it
+  # would drown the training logs.
+  from diffusers.utils import logging as dlogging  # pylint: disable=g-import-not-at-top
+  dlogging.get_logger('diffusers')  # Makes sure its handler exists.
+  for h in logging.getLogger('diffusers').handlers:
+    if not any(isinstance(f, _DropFlaxDeprecation) for f in h.filters):
+      h.addFilter(_DropFlaxDeprecation())
+
+
+_REMAT_BLOCKS = ('FlaxCrossAttnDownBlock2D', 'FlaxDownBlock2D', 'FlaxUNetMidBlock2DCrossAttn',
+                 'FlaxCrossAttnUpBlock2D', 'FlaxUpBlock2D')
+_REMAT_LOCK = threading.Lock()
+
+
+@functools.cache
+def _remat_unet_class():
+  """FlaxUNet2DConditionModel whose down/mid/up blocks are nn.remat'd."""
+  from diffusers import FlaxUNet2DConditionModel  # pylint: disable=g-import-not-at-top
+  from diffusers.configuration_utils import flax_register_to_config  # pylint: disable=g-import-not-at-top
+  from diffusers.models.unets import unet_2d_condition_flax as unet_mod  # pylint: disable=g-import-not-at-top
+
+  remat_blocks = {n: nn.remat(getattr(unet_mod, n)) for n in _REMAT_BLOCKS}
+
+  @flax_register_to_config
+  class RematFlaxUNet2DConditionModel(FlaxUNet2DConditionModel):
+    """Same module, params and outputs; activations recomputed per block."""
+
+    def setup(self):
+      # The parent's setup() instantiates the blocks from its module globals;
+      # swapping those for their remat'd versions while it runs avoids copying
+      # ~150 lines of diffusers. nn.remat classes subclass the originals, so
+      # the isinstance() dispatch in __call__ and parameter names are
+      # unchanged. The lock keeps concurrent traces from seeing the swap.
+      with _REMAT_LOCK:
+        saved = {n: getattr(unet_mod, n) for n in _REMAT_BLOCKS}
+        try:
+          for n, cls in remat_blocks.items():
+            setattr(unet_mod, n, cls)
+          super().setup()
+        finally:
+          for n, cls in saved.items():
+            setattr(unet_mod, n, cls)
+
+  return RematFlaxUNet2DConditionModel
+
+
+def make_unet(unet_config: dict, *, dtype='float32', remat=False, attention='standard'):
+  """The Flax UNet module for a diffusers UNet config (dtype = compute dtype)."""
+  from diffusers import FlaxUNet2DConditionModel  # pylint: disable=g-import-not-at-top
+  if attention not in ATTENTIONS:
+    raise ValueError(f'model.attention={attention!r}; expected one of {ATTENTIONS}.')
+  quiet_diffusers()
+  unet_cls = _remat_unet_class() if remat else FlaxUNet2DConditionModel
+  # The two attention flags crash together in diffusers: one string picks one.
+  return unet_cls.from_config(
+      dict(unet_config), dtype=DTYPES[dtype] if isinstance(dtype, str) else dtype,
+      use_memory_efficient_attention=attention == 'memory_efficient',
+      split_head_dim=attention == 'split_head_dim')
+
+
+def _fail(pretrained, msg, exc=FileNotFoundError):
+  return exc(f'model.pretrained={pretrained!r}: {msg}')
+
+
+def _find_weights(pretrained, folder, component, weights_format):
+  """(path, format) of the component's weight file of the requested format."""
+  table = _WEIGHT_FILES[_LIBRARY[component]]
+  formats = ('flax', 'safetensors', 'pytorch') if weights_format == 'auto' else (weights_format,)
+  looked = []
+  for fmt in formats:
+    for name in table[fmt]:
+      looked.append(name)
+      if os.path.isfile(os.path.join(folder, name)):
+        return os.path.join(folder, name), fmt
+  raise _fail(pretrained, f'{folder} has no {component} weights in format '
+              f'{weights_format!r} (model.weights_format); looked for {", ".join(looked)}; '
+              f'found {sorted(os.listdir(folder))}.')
+
+
+def _hub_patterns(files, weights_format):
+  """allow_patterns for snapshot_download: configs + one weight format each."""
+  patterns = ['model_index.json', 'scheduler/scheduler_config.json', 'tokenizer/*']
+  for comp, lib in _LIBRARY.items():
+    patterns.append(f'{comp}/config.json')
+    formats = ('flax', 'safetensors', 'pytorch') if weights_format == 'auto' else (weights_format,)
+    for fmt in formats:
+      names = _WEIGHT_FILES[lib][fmt]
+      if files is None or any(f'{comp}/{n}' in files for n in names):
+        patterns += [f'{comp}/{n}' for n in names]
+        # Shards named in an index: '<stem>-00001-of-00002.<ext>'.
+        patterns += [f'{comp}/{stem}-*.{ext}' for stem, ext in
+                     (n[:-len('.index.json')].rsplit('.', 1) for n in names
+                      if n.endswith('.index.json'))]
+        if files is not None:
+          break
+  return patterns
+
+
+def _download(pretrained, revision, weights_format):
+  """Local snapshot of hub repo `pretrained` with only the files we need."""
+  import huggingface_hub  # pylint: disable=g-import-not-at-top
+  rev = revision or None
+  try:
+    files = set(huggingface_hub.list_repo_files(pretrained, revision=rev))
+  except Exception:  # pylint: disable=broad-except
+    files = None  # Offline: take whatever is in the local cache.
+  try:
+    return huggingface_hub.snapshot_download(
+        pretrained, revision=rev, allow_patterns=_hub_patterns(files, weights_format),
+        local_files_only=files is None)
+  except Exception as e:  # pylint: disable=broad-except
+    raise _fail(pretrained, f'not a local directory, and downloading it as a Hugging Face hub '
+                f'id (revision={revision!r}, model.revision) failed: {type(e).__name__}: {e}. '
+                'Expected a diffusers-layout directory (unet/, vae/, text_encoder/, '
+                'tokenizer/, scheduler/) or a hub id like CompVis/stable-diffusion-v1-4.') from e
+
+
+def _check_tree(pretrained, path, got, shapes):
+  """Flat {key: array} of `got`, checked key- and shape-exact against `shapes`."""
+  got = traverse_util.flatten_dict(flax.core.unfreeze(got))
+  want = traverse_util.flatten_dict(flax.core.unfreeze(shapes))
+  missing = sorted('/'.join(k) for k in want.keys() - got.keys())
+  unexpected = sorted('/'.join(k) for k in got.keys() - want.keys())
+  bad = sorted(f'{"/".join(k)} {np.shape(got[k])} (expected {want[k].shape})'
+               for k in want.keys() & got.keys() if tuple(np.shape(got[k])) != want[k].shape)
+  if missing or unexpected or bad:
+    msg = [f'{path} does not match the model config:']
+    for title, items in (('missing', missing), ('unexpected', unexpected), ('wrong shape', bad)):
+      if items:
+        more = ' ...' if len(items) > 10 else ''
+        msg.append(f'  {len(items)} {title}: {", ".join(items[:10])}{more}')
+    raise _fail(pretrained, '\n'.join(msg), ValueError)
+  return got
+
+
+def _load_params(pretrained, path, fmt, shapes, library):
+  """fp32 params tree read from `path`, shaped exactly like `shapes`."""
+  if fmt == 'flax':
+    with open(path, 'rb') as f:
+      tree = flax.serialization.msgpack_restore(f.read())
+    flat = _check_tree(pretrained, path, tree, shapes)
+    tree = traverse_util.unflatten_dict(
+        {k: np.asarray(v, np.float32) for k, v in flat.items()})
+  else:
+    # No random init anywhere: shapes come from jax.eval_shape.
+    try:
+      tree = weights.convert_pt_to_flax(weights.read_state_dict(path), shapes,
+                                        library=library, source=path)
+    except ValueError as e:
+      raise _fail(pretrained, str(e), ValueError) from e
+  return jax.tree.map(jnp.asarray, tree)
+
+
+def load_stable_diffusion(pretrained, *, revision='', weights_format='auto', dtype='float32',
+                          remat=False, attention='standard'):
+  """Loads an SD1.x/2.x pipeline as (StableDiffusion, params).
+
+  Args:
+    pretrained: a local diffusers-layout directory or a hub id.
+    revision: hub branch/tag/commit ('' = default branch).
+    weights_format: 'auto' (per component: flax msgpack > safetensors >
+      pytorch .bin), 'flax', 'safetensors' or 'pytorch'.
+    dtype: compute dtype of the modules, 'float32' or 'bfloat16'. Params are
+      always returned in float32.
+    remat: wrap the UNet's down/mid/up blocks in nn.remat (same outputs and
+      gradients, less activation memory).
+    attention: 'standard', 'memory_efficient' or 'split_head_dim' (diffusers'
+      Flax UNet attention variants).
+
+  Returns:
+    (sd, params) with params = {'unet', 'vae', 'text_encoder'} of fp32 arrays.
+  """
+  from diffusers import FlaxAutoencoderKL, FlaxUNet2DConditionModel  # pylint: disable=g-import-not-at-top
+  from transformers import CLIPTextConfig, CLIPTokenizer, FlaxCLIPTextModel  # pylint: disable=g-import-not-at-top
+
+  pretrained = os.fspath(pretrained)
+  if weights_format not in WEIGHTS_FORMATS:
+    raise _fail(pretrained, f'model.weights_format={weights_format!r}; expected one of '
+                f'{WEIGHTS_FORMATS}.', ValueError)
+  if dtype not in DTYPES:
+    raise _fail(pretrained, f'model.dtype={dtype!r}; expected one of {tuple(DTYPES)}.',
+                ValueError)
+  if attention not in ATTENTIONS:
+    raise _fail(pretrained, f'model.attention={attention!r}; expected one of {ATTENTIONS}.',
+                ValueError)
+  if not pretrained:
+    raise _fail(pretrained, 'empty; expected a diffusers-layout directory or a hub id.',
+                ValueError)
+
+  if os.path.isdir(pretrained):
+    root = os.path.abspath(pretrained)
+  elif (os.path.exists(pretrained) or os.path.isabs(pretrained)
+        or pretrained.startswith(('.', '~')) or not _HUB_ID.fullmatch(pretrained)):
+    raise _fail(pretrained, f'{pretrained} does not exist or is not a directory, and is not '
+                "a hub id ('org/name'); expected a diffusers-layout directory with "
+                f'{", ".join(c + "/" for c in COMPONENTS)}.')
+  else:
+    root = _download(pretrained, revision, weights_format)
+
+  for comp in COMPONENTS:
+    folder = os.path.join(root, comp)
+    if not os.path.isdir(folder):
+      raise _fail(pretrained, f'missing component folder {folder}/; a diffusers-layout '
+                  f'pipeline needs {", ".join(c + "/" for c in COMPONENTS)}.')
+    if not os.path.isfile(os.path.join(folder, _CONFIG_FILES[comp])):
+      raise _fail(pretrained, f'{folder}/ has no {_CONFIG_FILES[comp]}.')
+  files = {c: _find_weights(pretrained, os.path.join(root, c), c, weights_format)
+           for c in _LIBRARY}
+
+  quiet_diffusers()
+  jdtype = DTYPES[dtype]
+  unet = make_unet(FlaxUNet2DConditionModel.load_config(os.path.join(root, 'unet')),
+                   dtype=dtype, remat=remat, attention=attention)
+  vae = FlaxAutoencoderKL.from_config(
+      FlaxAutoencoderKL.load_config(os.path.join(root, 'vae')), dtype=jdtype)
+  te = FlaxCLIPTextModel(CLIPTextConfig.from_pretrained(os.path.join(root, 'text_encoder')),
+                         dtype=jdtype, _do_init=False)
+  tokenizer = CLIPTokenizer.from_pretrained(os.path.join(root, 'tokenizer'))
+  with open(os.path.join(root, 'scheduler', 'scheduler_config.json')) as f:
+    scheduler_config = json.load(f)
+
+  key = jax.random.PRNGKey(0)
+  shapes = {'unet': weights.flax_shapes(unet.init_weights, key),
+            'vae': weights.flax_shapes(vae.init_weights, key),
+            'text_encoder': flax.core.unfreeze(te.params_shape_tree)}
+  params = {c: _load_params(pretrained, *files[c], shapes[c], _LIBRARY[c]) for c in _LIBRARY}
+  sd = StableDiffusion(unet=unet, vae=vae, text_encoder=te, tokenizer=tokenizer,
+                       scheduler_config=scheduler_config, source=root, dtype=dtype,
+                       remat=remat, attention=attention)
+  return sd, params
+
+
+def save_pipeline(out_dir, sd: StableDiffusion, params) -> str:
+  """Writes (sd, params) in diffusers layout with Flax msgpack weights.
+
+  Loadable by `load_stable_diffusion` and by
+  `diffusers.FlaxStableDiffusionPipeline.from_pretrained(out_dir,
+  safety_checker=None, feature_extractor=None)`. Written to a temporary sibling and renamed into
+  place; an existing `out_dir` is replaced. Returns `out_dir`.
+  """
+  from diffusers import FlaxAutoencoderKL, FlaxUNet2DConditionModel  # pylint: disable=g-import-not-at-top
+  from transformers import FlaxCLIPTextModel  # pylint: disable=g-import-not-at-top
+
+  quiet_diffusers()
+  out_dir = os.path.abspath(os.fspath(out_dir))
+  parent = os.path.dirname(out_dir)
+  os.makedirs(parent, exist_ok=True)
+  host = lambda tree: jax.tree.map(lambda x: np.asarray(jax.device_get(x), np.float32), tree)
+  tmp = tempfile.mkdtemp(prefix='.' + os.path.basename(out_dir) + '.tmp-', dir=parent)
+  try:
+    # Plain diffusers classes and configs: the export must not depend on our
+    # remat subclass or on run-time attention flags.
+    unet_cfg = dict(sd.unet.config, use_memory_efficient_attention=False, split_head_dim=False)
+    FlaxUNet2DConditionModel.from_config(unet_cfg).save_pretrained(
+        os.path.join(tmp, 'unet'), params=host(params['unet']))
+    FlaxAutoencoderKL.from_config(dict(sd.vae.config)).save_pretrained(
+        os.path.join(tmp, 'vae'), params=host(params['vae']))
+    FlaxCLIPTextModel(sd.text_encoder.config, _do_init=False).save_pretrained(
+        os.path.join(tmp, 'text_encoder'), params=host(params['text_encoder']))
+    sd.tokenizer.save_pretrained(os.path.join(tmp, 'tokenizer'))
+    os.makedirs(os.path.join(tmp, 'scheduler'))
+    sched = dict(sd.scheduler_config)
+    sched_cls = sched.setdefault('_class_name', 'DDPMScheduler')
+    with open(os.path.join(tmp, 'scheduler', 'scheduler_config.json'), 'w') as f:
+      json.dump(sched, f, indent=2)
+    index = dict(MODEL_INDEX, scheduler=['diffusers', sched_cls.removeprefix('Flax')])
+    with open(os.path.join(tmp, 'model_index.json'), 'w') as f:
+      json.dump(index, f, indent=2)
+    os.chmod(tmp, 0o755)  # mkdtemp makes it 0700.
+    old = None
+    if os.path.exists(out_dir):
+      old = tempfile.mkdtemp(prefix='.' + os.path.basename(out_dir) + '.old-', dir=parent)
+      os.rename(out_dir, os.path.join(old, 'x'))
+    os.rename(tmp, out_dir)
+    if old:
+      shutil.rmtree(old, ignore_errors=True)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+  return out_dir

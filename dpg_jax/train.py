@@ -1,0 +1,498 @@
+"""Train state, the jitted train step, and the training loop.
+
+The step is a pure function `(state, batch, rng) -> (state, metrics)` compiled
+once with explicit shardings and a donated state. Everything with side effects
+(logging, checkpoints, preview images, export) stays in `train_and_evaluate`.
+With `config.dpg.enabled` the same step also runs the DPG critic and policy
+update (Algorithm 1; `dpg_jax/dpg.py`) from the same UNet forward pass.
+"""
+import dataclasses
+import functools
+import json
+import os
+import time
+from typing import Any
+
+from absl import logging
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import tqdm
+
+from dpg_jax import checkpoint as ckpt_lib
+from dpg_jax import data as data_lib
+from dpg_jax import dpg as dpg_lib
+from dpg_jax import models
+from dpg_jax import sampling
+from dpg_jax import sharding
+from dpg_jax import writers
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any          # trainable: {'unet': ..., 'text_encoder': ... (if trained)}
+  opt_state: Any
+  critic: Any = None   # DPG critics' states (dict by reward name), None without DPG
+
+
+# --------------------------------------------------------------------------- #
+# Optimiser
+# --------------------------------------------------------------------------- #
+def make_lr_schedule(config) -> optax.Schedule:
+  lr, warm, total = config.learning_rate, config.warmup_steps, max(config.num_steps, 1)
+  if config.lr_schedule == 'constant':
+    main = optax.constant_schedule(lr)
+  elif config.lr_schedule == 'cosine':
+    main = optax.cosine_decay_schedule(lr, max(total - warm, 1))
+  elif config.lr_schedule == 'linear':
+    main = optax.linear_schedule(lr, 0.0, max(total - warm, 1))
+  else:
+    raise ValueError(f"config key lr_schedule={config.lr_schedule!r}: expected "
+                     "'constant', 'cosine' or 'linear'.")
+  if warm > 0:
+    return optax.join_schedules([optax.linear_schedule(0.0, lr, warm), main], [warm])
+  return main
+
+
+def make_optimizer(config) -> optax.GradientTransformation:
+  """AdamW with global-norm clipping (the DreamBooth/DPG recipe)."""
+  parts = []
+  if config.max_grad_norm and config.max_grad_norm > 0:
+    parts.append(optax.clip_by_global_norm(config.max_grad_norm))
+  parts.append(optax.adamw(make_lr_schedule(config), b1=config.adam_b1, b2=config.adam_b2,
+                           eps=config.adam_eps, weight_decay=config.weight_decay))
+  return optax.chain(*parts)
+
+
+# --------------------------------------------------------------------------- #
+# The step
+# --------------------------------------------------------------------------- #
+@dataclasses.dataclass(frozen=True, eq=False)
+class StepSpec:
+  """Everything static the step closes over (small constants and modules only)."""
+  sd: models.StableDiffusion
+  alphas_cumprod: np.ndarray     # [T] float32
+  batch_size: int
+  grad_accum_steps: int
+  train_text_encoder: bool
+  prior_preservation: bool
+  prior_loss_weight: float
+  prediction_type: str
+  optimizer: optax.GradientTransformation
+  dpg: Any = None                # dpg_lib.DPG or None
+
+
+def make_step_spec(sd, config, dpg: 'dpg_lib.DPG | None' = None) -> StepSpec:
+  pred_type = config.prediction_type or sd.prediction_type
+  if pred_type not in ('epsilon', 'v_prediction'):
+    raise ValueError(f"config key prediction_type={pred_type!r}: expected 'epsilon' or "
+                     "'v_prediction' (or '' for the scheduler's).")
+  return StepSpec(
+      sd=sd, alphas_cumprod=np.asarray(sd.alphas_cumprod()), batch_size=config.batch_size,
+      grad_accum_steps=config.grad_accum_steps, train_text_encoder=config.train_text_encoder,
+      prior_preservation=config.prior_preservation, prior_loss_weight=config.prior_loss_weight,
+      prediction_type=pred_type, optimizer=make_optimizer(config),
+      dpg=dpg)
+
+
+def _noised(spec: StepSpec, mean, std, rng):
+  """x_0 ~ q(z|image) (scaled), eps, t ~ U{0..T-1}, x_t (Eq. before 4)."""
+  r_lat, r_eps, r_t = jax.random.split(rng, 3)
+  x0 = (mean + std * jax.random.normal(r_lat, mean.shape)) * spec.sd.scaling_factor
+  eps = jax.random.normal(r_eps, x0.shape)
+  t = jax.random.randint(r_t, (x0.shape[0],), 0, len(spec.alphas_cumprod))
+  abar = jnp.asarray(spec.alphas_cumprod)[t][:, None, None, None]
+  x_t = jnp.sqrt(abar) * x0 + jnp.sqrt(1.0 - abar) * eps
+  return x0, eps, t, x_t
+
+
+def _target(spec: StepSpec, x0, eps, t):
+  if spec.prediction_type == 'epsilon':
+    return eps
+  abar = jnp.asarray(spec.alphas_cumprod)[t][:, None, None, None]
+  return jnp.sqrt(abar) * eps - jnp.sqrt(1.0 - abar) * x0   # v-prediction
+
+
+def _mse(a, b):
+  return jnp.mean(jnp.square(a - b))
+
+
+def _micro_grads(spec: StepSpec, params, critic, frozen, micro, rng):
+  """Loss, grads and DPG aux of one micro-batch (one UNet forward)."""
+  n = micro['instance_mean'].shape[0]
+  has_prior = spec.prior_preservation and 'class_mean' in micro
+  mean, std = micro['instance_mean'], micro['instance_std']
+  if has_prior:
+    mean = jnp.concatenate([mean, micro['class_mean']])
+    std = jnp.concatenate([std, micro['class_std']])
+  x0, eps, t, x_t = _noised(spec, mean, std, rng)
+  target = _target(spec, x0, eps, t)
+
+  def loss_fn(p):
+    if spec.train_text_encoder:
+      ids = micro['instance_ids']
+      if has_prior:
+        ids = jnp.concatenate([ids, micro['class_ids']])
+      context = spec.sd.encode_text(p['text_encoder'], ids)
+    else:
+      context = micro['instance_context']
+      if has_prior:
+        context = jnp.concatenate([context, micro['class_context']])
+    pred = spec.sd.predict(p['unet'], x_t, t, context)
+    inst_mse = _mse(pred[:n], target[:n])
+    prior_mse = _mse(pred[n:], target[n:]) if has_prior else jnp.zeros(())
+    terms = {'instance_loss': inst_mse, 'prior_loss': prior_mse}
+    if spec.dpg is None:
+      loss = inst_mse + spec.prior_loss_weight * prior_mse
+      return loss, (terms, None)
+    loss, dpg_terms, dpg_aux = spec.dpg.policy_loss(
+        critic, frozen, pred=pred[:n], x0=x0[:n], eps=eps[:n], x_t=x_t[:n], t=t[:n],
+        alphas_cumprod=spec.alphas_cumprod, prediction_type=spec.prediction_type,
+        micro=micro)
+    loss = loss + spec.prior_loss_weight * prior_mse
+    return loss, ({**terms, **dpg_terms}, dpg_aux)
+
+  (loss, (terms, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+  return loss, terms, aux, grads
+
+
+def train_step(spec: StepSpec, state: TrainState, batch: dict, rng, frozen=None):
+  """One optimiser update (and, with DPG, one critic update). Pure."""
+  rng = jax.random.fold_in(rng, state.step)
+  k = spec.grad_accum_steps
+  # [k*B, ...] -> [k, B, ...]: micro-batches scanned with summed gradients.
+  micro_batches = jax.tree.map(lambda x: x.reshape((k, -1) + x.shape[1:]), batch)
+  rngs = jax.random.split(rng, k + 1)
+
+  def body(carry, xs):
+    micro, r = xs
+    loss, terms, aux, grads = _micro_grads(spec, state.params, state.critic, frozen, micro, r)
+    g_sum, l_sum, t_sum = carry
+    carry = (jax.tree.map(jnp.add, g_sum, grads), l_sum + loss,
+             jax.tree.map(jnp.add, t_sum, terms))
+    return carry, aux
+
+  zeros_g = jax.tree.map(jnp.zeros_like, state.params)
+  _, terms_shape, _, _ = jax.eval_shape(
+      lambda m: _micro_grads(spec, state.params, state.critic, frozen, m, rngs[0]),
+      jax.tree.map(lambda x: x[0], micro_batches))
+  zeros_t = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), terms_shape)
+  (g_sum, l_sum, t_sum), auxs = jax.lax.scan(
+      body, (zeros_g, jnp.zeros(()), zeros_t), (micro_batches, rngs[:k]))
+  grads = jax.tree.map(lambda g: g / k, g_sum)
+  loss, terms = l_sum / k, jax.tree.map(lambda x: x / k, t_sum)
+
+  updates, opt_state = spec.optimizer.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics = {'loss': loss, **terms,
+             'grad_norm': optax.global_norm(grads),
+             'update_norm': optax.global_norm(updates),
+             'param_norm': optax.global_norm(params)}
+
+  critic = state.critic
+  if spec.dpg is not None:
+    # Critic step after the policy step (as the authors), on the detached
+    # quantities of the same forward pass: the two updates never share grads.
+    critic, critic_metrics = spec.dpg.critic_update(critic, frozen, auxs, rngs[k])
+    metrics.update(critic_metrics)
+  metrics['finite'] = (jnp.isfinite(loss) & jnp.isfinite(metrics['grad_norm'])
+                       & (metrics.get('dpg/critic_nonfinite', 0.0) == 0))
+  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                            critic=critic)
+  return new_state, metrics
+
+
+def init_state(spec: StepSpec, trainable, rng) -> TrainState:
+  critic = spec.dpg.init_critic(rng) if spec.dpg is not None else None
+  return TrainState(step=jnp.zeros((), jnp.int32), params=trainable,
+                    opt_state=spec.optimizer.init(trainable), critic=critic)
+
+
+def compile_train_step(spec: StepSpec, mesh, state_shardings, frozen_shardings=None):
+  """jit with explicit in/out shardings and the state donated."""
+  batch_sh = sharding.batch_sharded(mesh)
+  repl = sharding.replicated(mesh)
+  return jax.jit(
+      functools.partial(train_step, spec),
+      in_shardings=(state_shardings, batch_sh, repl, frozen_shardings),
+      out_shardings=(state_shardings, repl),
+      donate_argnums=(0,))
+
+
+def create_sharded_state(spec: StepSpec, trainable, rng, mesh, param_sharding='replicate'):
+  """State created already laid out on the mesh (no host copy of opt state)."""
+  abstract = jax.eval_shape(functools.partial(init_state, spec), trainable, rng)
+  shardings = sharding.tree_shardings(mesh, abstract, param_sharding)
+  trainable = jax.tree.map(lambda x, s: sharding.put_global(np.asarray(x), s),
+                           trainable, shardings.params)
+  state = jax.jit(functools.partial(init_state, spec), out_shardings=shardings)(trainable, rng)
+  return state, shardings
+
+
+# --------------------------------------------------------------------------- #
+# Run set-up (host side)
+# --------------------------------------------------------------------------- #
+def check_workdir(workdir: str) -> str:
+  workdir = os.path.abspath(workdir)
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, f'.write_test_{os.getpid()}')
+    with open(probe, 'w') as f:
+      f.write('ok')
+    os.remove(probe)
+  except OSError as e:
+    raise PermissionError(f'--workdir {workdir} is not writable: {e}') from e
+  return workdir
+
+
+def validate_config(config) -> None:
+  """Cheap checks that fail before any model load or compile."""
+  if config.num_steps < 0:
+    raise ValueError(f'config key num_steps={config.num_steps}: expected >= 0.')
+  if config.batch_size < 1:
+    raise ValueError(f'config key batch_size={config.batch_size}: expected >= 1.')
+  if config.grad_accum_steps < 1:
+    raise ValueError(f'config key grad_accum_steps={config.grad_accum_steps}: expected >= 1.')
+  if config.data.resolution % 8:
+    raise ValueError(f'config key data.resolution={config.data.resolution}: expected a '
+                     'multiple of 8 (the VAE downsamples by 8).')
+  if not (config.model.pretrained or config.model.tiny):
+    raise ValueError('config key model.pretrained is empty and model.tiny is not set: '
+                     'give a hub id or a local diffusers directory.')
+  if config.model.dtype not in ('float32', 'bfloat16'):
+    raise ValueError(f"config key model.dtype={config.model.dtype!r}: expected 'float32' or "
+                     "'bfloat16'.")
+  if config.sample.scheduler not in sampling.SCHEDULERS:
+    raise ValueError(f'config key sample.scheduler={config.sample.scheduler!r}: expected one of '
+                     f'{sorted(sampling.SCHEDULERS)}.')
+  n_inst = sum(1 for x in (config.data.instance_dir, config.data.subject, config.data.synthetic) if x)
+  if n_inst != 1:
+    raise ValueError('exactly one of config keys data.instance_dir, data.subject, '
+                     f'data.synthetic must be set (got {n_inst}).')
+  lr_ok = config.lr_schedule in ('constant', 'cosine', 'linear')
+  if not lr_ok:
+    make_lr_schedule(config)  # raises with the key name
+  if config.dpg.enabled:
+    dpg_lib.validate_config(config)
+
+
+def resolve_pretrained(config, workdir: str) -> str:
+  if config.model.tiny:
+    from dpg_jax import tiny  # pylint: disable=g-import-not-at-top
+    path = config.model.pretrained or os.path.join(workdir, 'pretrained_tiny')
+    if jax.process_index() == 0:
+      tiny.build_tiny_sd(path, spec=config.model.tiny, seed=config.seed)
+    return path
+  return config.model.pretrained
+
+
+def load_model(config, workdir: str):
+  path = resolve_pretrained(config, workdir)
+  return models.load_stable_diffusion(
+      path, revision=config.model.revision, weights_format=config.model.weights_format,
+      dtype=config.model.dtype, remat=config.model.remat, attention=config.model.attention)
+
+
+def load_instance_images(config, workdir: str):
+  """The subject's photos: synthetic, a dataset subject, or a folder."""
+  d = config.data
+  folder, key = d.instance_dir, 'data.instance_dir'
+  if d.synthetic:
+    folder, key = os.path.join(workdir, 'instance_images'), 'data.synthetic'
+    data_lib.make_synthetic_subject(folder, resolution=d.resolution, seed=config.seed)
+  elif d.subject:
+    from dpg_jax import datasets  # pylint: disable=g-import-not-at-top
+    subject = datasets.load_subject(d.subject, dataset=d.dataset,
+                                    manual_dir=d.dataset_dir or None)
+    # export() writes the photos with their licence/attribution files.
+    folder, key = os.path.join(workdir, 'instance_images'), 'data.subject'
+    subject.export(folder)
+  return data_lib.load_images(folder, d.resolution, center_crop=d.center_crop,
+                              seed=config.seed, min_images=d.min_instance_images,
+                              config_key=key)
+
+
+def format_prompt(template: str, config) -> str:
+  return data_lib.format_prompt(template, identifier=config.data.identifier,
+                                class_noun=config.data.class_noun, config_key='sample.prompts')
+
+
+class _SamplerCache:
+  """One compiled sampler per distinct setting (class images vs previews)."""
+
+  def __init__(self, sd, resolution, batch_size, mesh):
+    self._args = (sd, resolution, batch_size, mesh)
+    self._cache = {}
+
+  def get(self, scheduler, steps, guidance) -> sampling.Sampler:
+    key = (scheduler, steps, guidance)
+    if key not in self._cache:
+      sd, res, bs, mesh = self._args
+      self._cache[key] = sampling.Sampler(sd, resolution=res, scheduler=scheduler,
+                                          num_inference_steps=steps, guidance_scale=guidance,
+                                          batch_size=bs, mesh=mesh)
+    return self._cache[key]
+
+
+# --------------------------------------------------------------------------- #
+# The loop
+# --------------------------------------------------------------------------- #
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+  """Train (resuming from <workdir>/checkpoints if present), preview, export."""
+  validate_config(config)
+  workdir = check_workdir(workdir)
+  mesh = sharding.make_mesh(config.mesh.data)
+  is_main = jax.process_index() == 0
+  if is_main:
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      f.write(config.to_json_best_effort(indent=2))
+
+  t_setup = time.perf_counter()
+  # Data first: a bad instance folder fails in seconds, before any model load.
+  images, paths = load_instance_images(config, workdir)
+  logging.info('%d instance images (%s)', len(paths), os.path.dirname(paths[0]))
+  sd, params = load_model(config, workdir)
+  frozen_params = {'vae': params['vae']}
+  instance_prompt, class_prompt = data_lib.resolve_prompts(config)
+  samplers = _SamplerCache(sd, config.data.resolution, config.sample.batch_size, mesh)
+
+  # --- class images, latents (once per run) --------------------------------
+  class_images = None
+  if config.prior_preservation:
+    class_dir = data_lib.resolve_class_dir(config, workdir)
+    gen = samplers.get(config.sample.scheduler, config.data.class_sample_steps,
+                       config.data.class_guidance_scale)
+    base_seed = 1_000_003 * (config.seed + 1)
+    generate = lambda n, start: gen(params, [class_prompt] * n,
+                                    [base_seed + start + i for i in range(n)])
+    class_images = data_lib.ensure_class_images(
+        class_dir, config.data.num_class_images, config.data.resolution, generate,
+        batch_size=config.sample.batch_size)
+
+  enc = jax.jit(sd.encode_images)
+  encode_fn = lambda x: enc(params['vae'], x)
+  inst_mean, inst_std = data_lib.encode_images(encode_fn, images, batch_size=8,
+                                               random_flip=config.data.random_flip)
+  cls_mean = cls_std = None
+  if class_images is not None:
+    cls_mean, cls_std = data_lib.encode_images(encode_fn, class_images, batch_size=8,
+                                               random_flip=config.data.random_flip)
+  latents = data_lib.SubjectLatents(inst_mean, inst_std, cls_mean, cls_std)
+
+  # Prompt conditioning: ids if the text encoder trains, else embeddings once.
+  ids = sd.tokenize([instance_prompt, class_prompt])
+  gb = config.batch_size * config.grad_accum_steps
+  if config.train_text_encoder:
+    prompt_batch = {'instance_ids': np.repeat(ids[:1], gb, 0),
+                    'class_ids': np.repeat(ids[1:], gb, 0)}
+    trainable = {'unet': params['unet'], 'text_encoder': params['text_encoder']}
+  else:
+    ctx = np.asarray(jax.jit(sd.encode_text)(params['text_encoder'], ids))
+    prompt_batch = {'instance_context': np.repeat(ctx[:1], gb, 0),
+                    'class_context': np.repeat(ctx[1:], gb, 0)}
+    trainable = {'unet': params['unet']}
+    frozen_params['text_encoder'] = params['text_encoder']
+  if not config.prior_preservation:
+    prompt_batch = {k: v for k, v in prompt_batch.items() if not k.startswith('class_')}
+
+  # --- state, step, checkpoints ---------------------------------------------
+  dpg = None
+  if config.dpg.enabled:
+    dpg = dpg_lib.DPG.build(config, sd, images, [instance_prompt], workdir)
+  spec = make_step_spec(sd, config, dpg)
+  rng = jax.random.PRNGKey(config.seed)
+  state, state_sh = create_sharded_state(spec, trainable, rng, mesh, config.mesh.param_sharding)
+  frozen = dpg.frozen_inputs(params) if dpg else None
+  frozen_sh = None
+  if frozen is not None:
+    frozen = sharding.put_replicated(frozen, mesh)
+    frozen_sh = jax.tree.map(lambda _: sharding.replicated(mesh), frozen)
+  step_fn = compile_train_step(spec, mesh, state_sh, frozen_sh)
+  rng = sharding.put_global(np.asarray(jax.random.PRNGKey(config.seed + 1)),
+                            sharding.replicated(mesh))
+
+  checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, 'checkpoints'),
+                                       max_to_keep=config.max_to_keep)
+  start = checkpointer.latest_step()
+  if start is not None:
+    state, _ = checkpointer.restore(start, state)
+    logging.info('Resuming from step %d', start)
+  start = int(start or 0)
+  writer = writers.MetricWriter(workdir)
+  chrono = writers.Chrono()
+  logging.info('Set-up took %.1fs', time.perf_counter() - t_setup)
+
+  def full_params(st):
+    p = dict(params)
+    p.update(st.params)
+    return p
+
+  def preview(step):
+    s = config.sample
+    if not s.prompts or s.num_images_per_prompt < 1:
+      return  # previews switched off
+    sampler = samplers.get(s.scheduler, s.num_inference_steps, s.guidance_scale)
+    prompts = [format_prompt(p, config) for p in s.prompts]
+    all_prompts = [p for p in prompts for _ in range(s.num_images_per_prompt)]
+    seeds = [s.seed + i for i in range(len(all_prompts))]
+    imgs = sampler(full_params(state), all_prompts, seeds, s.negative_prompt)
+    if is_main:
+      grid = sampling.image_grid(imgs, ncols=s.num_images_per_prompt)
+      sampling.save_grid(imgs, os.path.join(workdir, 'samples', f'step_{step:06d}.png'),
+                         ncols=s.num_images_per_prompt)
+      writer.image(step, 'samples', grid)
+
+  # --- loop -------------------------------------------------------------------
+  pending = None
+  bar = tqdm.tqdm(total=config.num_steps, initial=start, desc='train',
+                  disable=not is_main, dynamic_ncols=True)
+  step = start
+  try:
+    for step in range(start + 1, config.num_steps + 1):
+      host_batch = data_lib.sample_batch(latents, step=step, seed=config.seed, batch_size=gb)
+      host_batch.update(prompt_batch)
+      batch = sharding.put_batch(host_batch, mesh)
+      t0 = time.perf_counter()
+      state, metrics = step_fn(state, batch, rng, frozen)
+      if step == start + 1:
+        jax.block_until_ready(metrics)
+        chrono.first_step_done(t0)
+        logging.info('First step (compile + run) %.1fs', chrono.compile_s)
+      else:
+        chrono.tick()
+      bar.update(1)
+      must_save = step % config.checkpoint_every == 0 or step == config.num_steps
+      if step % config.log_every == 0 or must_save:
+        m = jax.device_get(metrics)
+        if not bool(m['finite']):
+          raise ckpt_lib.NonFiniteError(
+              f'step {step}: loss={float(m["loss"])}, grad_norm={float(m["grad_norm"])} is not '
+              f'finite; stopping without writing a checkpoint. Last good checkpoint: '
+              f'{checkpointer.latest_step()} in {checkpointer.directory}.'
+              + (' ' + spec.dpg.divergence_hint() if spec.dpg else ''))
+        scalars = {k: v for k, v in m.items() if k != 'finite'}
+        scalars['lr'] = make_lr_schedule(config)(step - 1)
+        scalars['steps_per_sec'] = chrono.steps_per_sec()
+        writer.scalars(step, scalars)
+        bar.set_postfix(loss=f'{float(m["loss"]):.4f}')
+      if must_save:
+        checkpointer.save(step, state, {'step': step})
+      if config.sample_every and step % config.sample_every == 0 and step != config.num_steps:
+        preview(step)
+    if config.num_steps > start or not os.path.isdir(os.path.join(workdir, 'samples')):
+      preview(config.num_steps)
+    checkpointer.wait()
+    if config.export and is_main:
+      models.save_pipeline(os.path.join(workdir, 'export'), sd, full_params(state))
+      logging.info('Exported the fine-tuned pipeline to %s', os.path.join(workdir, 'export'))
+  finally:
+    bar.close()
+    writer.close()
+    checkpointer.close()
+  if chrono.compile_s is not None:
+    logging.info('compile %.1fs, %.2f steps/s', chrono.compile_s, chrono.steps_per_sec())
+  return state

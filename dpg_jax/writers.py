@@ -1,0 +1,77 @@
+"""Metric and image writers: JSON lines + TensorBoard, from process 0 only."""
+import json
+import os
+import time
+
+import jax
+import numpy as np
+
+
+class MetricWriter:
+  """Scalars to <workdir>/metrics.jsonl and TensorBoard events under <workdir>/tb."""
+
+  def __init__(self, workdir: str, enabled: bool | None = None):
+    self.enabled = jax.process_index() == 0 if enabled is None else enabled
+    self._jsonl = None
+    self._tb = None
+    if self.enabled:
+      os.makedirs(workdir, exist_ok=True)
+      self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a', encoding='utf-8')
+      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+      self._tb = SummaryWriter(os.path.join(workdir, 'tb'))
+
+  def scalars(self, step: int, scalars: dict) -> None:
+    if not self.enabled:
+      return
+    row = {'step': int(step), 'time': time.time()}
+    for k, v in scalars.items():
+      v = float(np.asarray(v))
+      row[k] = v
+      self._tb.add_scalar(k, v, int(step))
+    self._jsonl.write(json.dumps(row) + '\n')
+    self._jsonl.flush()
+
+  def image(self, step: int, tag: str, image_uint8: np.ndarray) -> None:
+    if self.enabled:
+      self._tb.add_image(tag, np.asarray(image_uint8), int(step), dataformats='HWC')
+
+  def flush(self) -> None:
+    if self.enabled:
+      self._jsonl.flush()
+      self._tb.flush()
+
+  def close(self) -> None:
+    if self.enabled:
+      self._jsonl.close()
+      self._tb.close()
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  """The rows of <workdir>/metrics.jsonl (for tests, notebooks, the evaluator)."""
+  path = os.path.join(workdir, 'metrics.jsonl')
+  if not os.path.exists(path):
+    return []
+  with open(path, encoding='utf-8') as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+class Chrono:
+  """Wall-clock bookkeeping: compile time of the first step, then steps/s."""
+
+  def __init__(self):
+    self.compile_s = None
+    self._t0 = None
+    self._n = 0
+
+  def first_step_done(self, t_start: float) -> None:
+    self.compile_s = time.perf_counter() - t_start
+    self._t0 = time.perf_counter()
+    self._n = 0
+
+  def tick(self) -> None:
+    self._n += 1
+
+  def steps_per_sec(self) -> float:
+    if self._t0 is None or self._n == 0:
+      return float('nan')
+    return self._n / max(time.perf_counter() - self._t0, 1e-9)

@@ -1,0 +1,362 @@
+"""Tests of dpg_jax.evaluation: metric math, reports, ledger and the resumable driver.
+
+Encoders are the tiny random DINO / CLIP; the driver test swaps training for a
+copy of the tiny SD (train_fn), so it runs the real sampling, scoring, ledger
+and report code in well under a minute.
+"""
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from configs import eval_dreambench
+from dpg_jax import encoders
+from dpg_jax import evaluation
+from dpg_jax import sampling
+from dpg_jax.datasets import Subject
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _unit(x):
+  x = np.asarray(x, np.float64)
+  return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def _np_pair_mean(a, b):
+  return float(np.mean([[_unit(x) @ _unit(y) for y in b] for x in a]))
+
+
+# -- metric math ----------------------------------------------------------------
+def test_identical_and_orthogonal_embeddings():
+  e = np.eye(4, dtype=np.float32)
+  x = np.array([[3.0, 0.0, 0.0, 0.0]], np.float32)
+  np.testing.assert_allclose(evaluation.pair_mean(x, 2 * x), 1.0, atol=1e-6)
+  np.testing.assert_allclose(evaluation.pair_mean(e[:1], e[1:]), 0.0, atol=1e-7)
+  np.testing.assert_allclose(evaluation.text_similarity(e[0], e), [1, 0, 0, 0], atol=1e-7)
+  # Orthogonal references: every off-diagonal pair is 0 (self-pairs, 1, excluded).
+  np.testing.assert_allclose(evaluation.self_excluded_mean(e), 0.0, atol=1e-7)
+  np.testing.assert_allclose(evaluation.self_excluded_mean(np.ones((3, 4))), 1.0, atol=1e-6)
+  assert np.isnan(evaluation.self_excluded_mean(e[:1]))
+
+
+def test_pair_means_match_numpy():
+  rng = np.random.default_rng(0)
+  gen, ref = rng.normal(size=(5, 8)), rng.normal(size=(3, 8))
+  per_image = [np.mean([_unit(g) @ _unit(r) for r in ref]) for g in gen]
+  np.testing.assert_allclose(evaluation.pair_similarity(gen, ref), per_image, atol=1e-6)
+  np.testing.assert_allclose(evaluation.pair_mean(gen, ref), _np_pair_mean(gen, ref), atol=1e-6)
+  # Real-image row: ordered pairs i != j only.
+  want = np.mean([_unit(ref[i]) @ _unit(ref[j]) for i in range(3) for j in range(3) if i != j])
+  np.testing.assert_allclose(evaluation.self_excluded_mean(ref), want, atol=1e-6)
+  assert abs(want - _np_pair_mean(ref, ref)) > 0.05  # self-pairs would change it
+  text = rng.normal(size=8)
+  np.testing.assert_allclose(evaluation.text_similarity(text, gen),
+                             [_unit(g) @ _unit(text) for g in gen], atol=1e-6)
+
+
+# -- scorer -----------------------------------------------------------------------
+@pytest.fixture(scope='module')
+def scorer(tmp_path_factory):
+  base = tmp_path_factory.mktemp('encoders')
+  dino = encoders.build_tiny_dino(str(base / 'dino'), seed=0)
+  clip = encoders.build_tiny_clip(str(base / 'clip'), seed=0)
+  return evaluation.Scorer.load(dino, clip, batch_size=4)
+
+
+def _images(n, size, seed):
+  return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+
+
+def test_scorer_batches_pad_and_compile_once(scorer):
+  imgs = _images(5, 64, 0)  # 5 = one full batch of 4 + one padded
+  emb = scorer.embed_images('dino', imgs)
+  alone = np.concatenate([scorer.embed_images('dino', imgs[i:i + 1]) for i in range(5)])
+  np.testing.assert_allclose(emb, alone, atol=1e-5)
+  # Mixed sizes (reference photos): preprocessed one by one, embedded together.
+  mixed = [_images(1, 96, 1)[0], _images(1, 80, 2)[0], imgs[0]]
+  refs = scorer.references(mixed)
+  np.testing.assert_allclose(refs.dino[2], emb[0], atol=1e-5)
+  scorer.embed_texts(['a toy', 'a toy in the snow', 'x', 'y', 'z'])
+  assert scorer.trace_counts == {'dino': 1, 'clip': 1, 'text': 1}
+
+
+def test_scorer_numbers_and_clip_t_prompt(scorer):
+  refs_imgs, gen = _images(3, 72, 3), _images(2, 64, 4)
+  refs = scorer.references(refs_imgs)
+  prompt = 'a sks toy in the snow'
+  clip_t_prompt = evaluation.rewards.strip_identifier(prompt, 'sks')
+  assert clip_t_prompt == 'a toy in the snow'
+  out = scorer.score(gen, clip_t_prompt, refs)
+  g_dino, g_clip = scorer.embed_images('dino', gen), scorer.embed_images('clip', gen)
+  text = scorer.embed_texts([clip_t_prompt])[0]
+  np.testing.assert_allclose(out['dino'], _np_pair_mean(g_dino, refs.dino), atol=1e-5)
+  np.testing.assert_allclose(out['clip_i'], _np_pair_mean(g_clip, refs.clip), atol=1e-5)
+  np.testing.assert_allclose(out['clip_t'], np.mean(_unit(g_clip) @ _unit(text)), atol=1e-5)
+  np.testing.assert_allclose(np.mean(out['per_image']['dino']), out['dino'], atol=1e-6)
+  with_id = scorer.score(gen, prompt, refs)['clip_t']
+  assert abs(with_id - out['clip_t']) > 1e-4  # the identifier does change the text embedding
+  # Generated == references: DINO pools self-pairs, the real row excludes them.
+  same = scorer.score(refs_imgs, clip_t_prompt, refs)
+  real = scorer.real_images(refs)
+  np.testing.assert_allclose(same['dino'], _np_pair_mean(refs.dino, refs.dino), atol=1e-5)
+  n = 3
+  np.testing.assert_allclose(real['dino'], (n * same['dino'] - 1) / (n - 1), atol=1e-5)
+  np.testing.assert_allclose(real['clip_i'], (n * same['clip_i'] - 1) / (n - 1), atol=1e-5)
+
+
+# -- aggregation and reports --------------------------------------------------------
+def _prompt(subject, method, i, live, dino, clip_i, clip_t, n=2):
+  return {'kind': 'prompt', 'subject': subject, 'method': method, 'prompt_index': i,
+          'live': live, 'dino': dino, 'clip_i': clip_i, 'clip_t': clip_t, 'num_images': n}
+
+
+def _real(subject, live, dino, clip_i):
+  return {'kind': 'real', 'subject': subject, 'live': live, 'dino': dino, 'clip_i': clip_i,
+          'num_images': 4}
+
+
+RECORDS = [
+    _prompt('dog', 'a', 0, True, 0.5, 0.6, 0.2),
+    _prompt('dog', 'a', 1, True, 0.7, 0.8, 0.4),
+    _prompt('dog', 'b', 0, True, 0.1, 0.2, 0.3),
+    _prompt('cat', 'a', 0, True, 0.2, 0.2, 0.2),
+    _prompt('can', 'a', 0, False, 0.9, 0.9, 0.1),
+    _real('dog', True, 0.8, 0.9),
+    _real('cat', True, 0.6, 0.7),
+    _real('can', False, 0.5, 0.5),
+]
+
+
+def test_summarize_groups():
+  r = evaluation.summarize(RECORDS, ['a', 'b'])
+  assert r['subjects'] == ['can', 'cat', 'dog'] and r['live_subjects'] == ['cat', 'dog']
+  dog = r['per_subject']['dog']
+  np.testing.assert_allclose([dog['a'][k] for k in evaluation.METRICS], [0.6, 0.7, 0.3])
+  assert dog['a']['num_prompts'] == 2 and dog['a']['num_images'] == 4
+  assert dog[evaluation.REAL] == {'dino': 0.8, 'clip_i': 0.9, 'clip_t': None, 'num_images': 4}
+  live, obj, overall = r['groups']['live'], r['groups']['object'], r['overall']
+  np.testing.assert_allclose([live['a'][k] for k in evaluation.METRICS], [0.4, 0.45, 0.25])
+  np.testing.assert_allclose([obj['a'][k] for k in evaluation.METRICS], [0.9, 0.9, 0.1])
+  # Overall = mean over subjects (not over prompts).
+  np.testing.assert_allclose([overall['a'][k] for k in evaluation.METRICS],
+                             [(0.6 + 0.2 + 0.9) / 3, (0.7 + 0.2 + 0.9) / 3, (0.3 + 0.2 + 0.1) / 3])
+  assert overall['a']['num_subjects'] == 3 and overall['b']['num_subjects'] == 1
+  np.testing.assert_allclose([overall[evaluation.REAL]['dino'], overall[evaluation.REAL]['clip_i']],
+                             [(0.8 + 0.6 + 0.5) / 3, (0.9 + 0.7 + 0.5) / 3])
+  assert overall[evaluation.REAL]['clip_t'] is None
+  assert 'b' not in obj
+  assert len(r['per_prompt']) == 5
+
+
+def test_subject_mean_weights_prompts_by_images():
+  recs = [_prompt('dog', 'a', 0, True, 0.0, 0.0, 0.0, n=1),
+          _prompt('dog', 'a', 1, True, 1.0, 1.0, 1.0, n=3)]
+  row = evaluation.summarize(recs)['per_subject']['dog']['a']
+  assert row['dino'] == pytest.approx(0.75)
+
+
+def test_format_table_exact():
+  rows = {'b': {'dino': 0.1234, 'clip_i': 0.5, 'clip_t': 0.2996},
+          evaluation.REAL: {'dino': 0.774, 'clip_i': 0.885, 'clip_t': None},
+          'a': {'dino': 0.6945, 'clip_i': 0.762, 'clip_t': 0.282}}
+  assert evaluation.format_table(rows, ['a', 'b', evaluation.REAL, 'missing']) == (
+      '| Method | DINO | CLIP-I | CLIP-T |\n'
+      '|---|---|---|---|\n'
+      '| a | 0.695 | 0.762 | 0.282 |\n'
+      '| b | 0.123 | 0.500 | 0.300 |\n'
+      '| Real images | 0.774 | 0.885 | N/A |\n')
+
+
+def test_results_markdown_exact():
+  r = evaluation.summarize([RECORDS[4], RECORDS[7]], ['a'])
+  r['settings'] = {'images_per_prompt': 2, 'seed': 0, 'dino_model': 'D', 'clip_model': 'C'}
+  r['missing_subjects'] = ['dog']
+  assert evaluation.results_markdown(r) == '\n'.join([
+      '# DreamBench evaluation', '',
+      '1 subjects (0 live, 1 objects), 2 images per prompt, seeds from 0; DINO: D, CLIP: C. '
+      'Raw cosine similarities.', '',
+      'Missing subjects (not evaluated): dog.', '',
+      '## Overall (mean over subjects)', '',
+      '| Method | DINO | CLIP-I | CLIP-T |\n|---|---|---|---|\n'
+      '| a | 0.900 | 0.900 | 0.100 |\n| Real images | 0.500 | 0.500 | N/A |\n',
+      '## Objects', '',
+      '| Method | DINO | CLIP-I | CLIP-T |\n|---|---|---|---|\n'
+      '| a | 0.900 | 0.900 | 0.100 |\n| Real images | 0.500 | 0.500 | N/A |\n',
+      '## Per subject', '',
+      '### can (object)', '',
+      '| Method | DINO | CLIP-I | CLIP-T |\n|---|---|---|---|\n'
+      '| a | 0.900 | 0.900 | 0.100 |\n| Real images | 0.500 | 0.500 | N/A |\n'])
+
+
+# -- ledger, subjects, configs --------------------------------------------------------
+def test_ledger_drops_torn_and_duplicate_lines(tmp_path):
+  path = str(tmp_path / 'ledger.jsonl')
+  ledger = evaluation.Ledger(path)
+  ledger.append(RECORDS[0])
+  ledger.append(RECORDS[5])
+  with pytest.raises(ValueError, match='already in the ledger'):
+    ledger.append(RECORDS[0])
+  with open(path, 'a') as f:
+    f.write(json.dumps(RECORDS[0]) + '\n')   # a duplicate
+    f.write(json.dumps(RECORDS[1])[:-7])      # killed mid-write
+  ledger = evaluation.Ledger(path)
+  assert sorted(ledger.records) == [('prompt', 'dog', 'a', 0), ('real', 'dog')]
+  with open(path) as f:
+    assert len(f.read().splitlines()) == 2    # repaired on disk
+  ledger.append(RECORDS[1])
+  assert len(evaluation.Ledger(path)) == 3
+
+
+def test_select_subjects():
+  bench = ('a', 'b', 'c')
+  assert evaluation.select_subjects((), ['c', 'a'], bench) == (['a', 'c'], ['b'])
+  assert evaluation.select_subjects(('c',), ['c', 'a'], bench) == (['c'], [])
+  with pytest.raises(ValueError, match=r"\['b'\] not available"):
+    evaluation.select_subjects(('b',), ['c', 'a'], bench)
+  assert evaluation.select_subjects((), ['x'], ()) == (['x'], [])
+
+
+def _subject_spec(tmp_path):
+  subject = Subject(name='thing', class_noun='toy', live=False, images=(_images(1, 64, 0)[0],),
+                    prompt_templates=('a {} in the snow',))
+  return evaluation.SubjectSpec(subject, {'instance_dir': str(tmp_path / 'photos')})
+
+
+def test_eval_configs_and_training_configs(tmp_path):
+  from dpg_jax import train  # pylint: disable=g-import-not-at-top
+  spec = _subject_spec(tmp_path)
+  for name in ('eval_dreambench', 'eval_tiny'):
+    config = evaluation.load_config_file(f'configs/{name}.py')
+    evaluation.validate_config(config)
+    for method in config.method_configs:
+      cfg = evaluation.training_config(config, method, spec, str(tmp_path))
+      train.validate_config(cfg)
+      assert cfg.data.instance_dir == str(tmp_path / 'photos') and not cfg.data.subject
+      assert cfg.data.class_noun == 'toy' and cfg.export and cfg.sample_every == 0
+  tiny = evaluation.load_config_file('configs/eval_tiny.py')
+  a, b = (evaluation.training_config(tiny, m, spec, str(tmp_path)) for m in ('tiny', 'tiny_dpg'))
+  assert a.num_steps == b.num_steps == 30
+  shared = str(tmp_path / 'pretrained' / 'tiny_tiny_seed0')
+  assert a.model.pretrained == b.model.pretrained == shared
+  assert a.data.class_dir == b.data.class_dir != ''  # one set of class images
+  assert b.dpg.enabled and not a.dpg.enabled
+  full = evaluation.load_config_file('configs/eval_dreambench.py')
+  assert evaluation.training_config(full, 'dreambooth', spec, str(tmp_path)).num_steps == 1000
+  full.train.unknown_key = 1
+  with pytest.raises(KeyError, match='train.unknown_key'):
+    evaluation.training_config(full, 'dreambooth', spec, str(tmp_path))
+
+
+# -- the driver -----------------------------------------------------------------------
+def _driver_config():
+  c = eval_dreambench.get_config()
+  c.methods = ('tiny',)
+  c.synthetic_subjects = 2
+  c.prompts_limit = 2
+  c.images_per_prompt = 2
+  c.sample.scheduler = 'ddim'
+  c.sample.num_inference_steps = 2
+  c.sample.guidance_scale = 1.0
+  c.sample.batch_size = 2          # one prompt per sampler call
+  c.scorer.tiny = True
+  c.scorer.batch_size = 4
+  return c
+
+
+class _Killed(Exception):
+  pass
+
+
+def test_driver_resumes_without_duplicates_or_recompute(tmp_path, tiny_sd_dir, monkeypatch):
+  workdir = str(tmp_path / 'eval')
+  calls = {'train': [], 'sample': 0, 'score': 0, 'kill_at': 3}
+
+  def train_fn(cfg, run_dir):
+    calls['train'].append((cfg.data.instance_dir, run_dir))
+    shutil.copytree(tiny_sd_dir, os.path.join(run_dir, 'export'))
+
+  sampler_call = sampling.Sampler.__call__
+  score = evaluation.Scorer.score
+
+  def counting_sampler(self, *args, **kwargs):
+    calls['sample'] += 1
+    if calls['sample'] == calls['kill_at']:
+      raise _Killed()
+    return sampler_call(self, *args, **kwargs)
+
+  def counting_score(self, *args, **kwargs):
+    calls['score'] += 1
+    return score(self, *args, **kwargs)
+
+  monkeypatch.setattr(sampling.Sampler, '__call__', counting_sampler)
+  monkeypatch.setattr(evaluation.Scorer, 'score', counting_score)
+  config = _driver_config()
+
+  # Killed while generating the 3rd unit (synthetic1, prompt 0).
+  with pytest.raises(_Killed):
+    evaluation.run(config, workdir, train_fn=train_fn)
+  assert calls['sample'] == 3 and calls['score'] == 2 and len(calls['train']) == 2
+  with open(os.path.join(workdir, evaluation.LEDGER)) as f:
+    first = f.read()
+  assert [json.loads(l)['kind'] for l in first.splitlines()] == ['real', 'prompt', 'prompt',
+                                                                 'real']
+
+  calls.update(sample=0, score=0, kill_at=-1)
+  results = evaluation.run(config, workdir, train_fn=train_fn)
+  assert calls['sample'] == 2 and calls['score'] == 2  # only the 2 missing units
+  assert len(calls['train']) == 2                        # the killed run's export is reused
+  with open(os.path.join(workdir, evaluation.LEDGER)) as f:
+    second = f.read()
+  assert second.startswith(first)
+  keys = [evaluation.record_key(json.loads(l)) for l in second.splitlines()]
+  assert len(keys) == len(set(keys)) == 6
+  assert sorted(k for k in keys if k[0] == 'prompt') == [
+      ('prompt', s, 'tiny', i) for s in ('synthetic0', 'synthetic1') for i in (0, 1)]
+
+  assert results['incomplete_units'] == 0 and results['missing_subjects'] == []
+  assert [(r['subject'], r['prompt_index']) for r in results['per_prompt']] == [
+      ('synthetic0', 0), ('synthetic0', 1), ('synthetic1', 0), ('synthetic1', 1)]
+  for r in results['per_prompt']:
+    assert 'sks' in r['prompt'] and r['clip_t_prompt'] == r['prompt'].replace('sks ', '')
+    assert r['seeds'] == [0, 1] and len(r['per_image']['dino']) == 2
+    for f in r['files']:
+      assert os.path.isfile(os.path.join(workdir, f))
+  for s in ('synthetic0', 'synthetic1'):
+    row = results['per_subject'][s]
+    recs = [r for r in results['per_prompt'] if r['subject'] == s]
+    assert row['tiny']['dino'] == pytest.approx(np.mean([r['dino'] for r in recs]))
+    assert -1 <= row[evaluation.REAL]['dino'] <= 1
+    assert os.path.isfile(os.path.join(workdir, 'grids', 'tiny', f'{s}.png'))
+  with open(os.path.join(workdir, 'results.json')) as f:
+    assert json.load(f)['overall'] == results['overall']
+  with open(os.path.join(workdir, 'results.md')) as f:
+    assert '| tiny |' in f.read()
+
+  # Same images for the same seeds: rerunning a unit would reproduce it.
+  calls.update(sample=0, score=0)
+  evaluation.run(config, workdir, train_fn=train_fn)
+  assert calls['sample'] == calls['score'] == 0 and len(calls['train']) == 2
+
+  # Other sampling settings would make units incomparable: refused.
+  config.sample.num_inference_steps = 3
+  with pytest.raises(ValueError, match='other settings'):
+    evaluation.run(config, workdir, train_fn=train_fn)
+
+
+@pytest.mark.slow
+def test_driver_trains_tiny_end_to_end(tmp_path):
+  """Real training (2 steps) + sampling + scoring for one synthetic subject."""
+  config = _driver_config()
+  config.synthetic_subjects = 1
+  config.prompts_limit = 1
+  config.train.num_steps = 2
+  config.train.checkpoint_every = 2
+  results = evaluation.run(config, str(tmp_path / 'eval'))
+  run_dir = tmp_path / 'eval' / 'runs' / 'tiny' / 'synthetic0'
+  assert (run_dir / 'export' / 'model_index.json').is_file()
+  assert not (run_dir / 'checkpoints').exists()  # keep_checkpoints=False
+  assert results['overall']['tiny']['num_subjects'] == 1
+  assert all(np.isfinite(results['overall']['tiny'][k]) for k in evaluation.METRICS)

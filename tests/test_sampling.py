@@ -1,0 +1,237 @@
+"""Tests for dpg_jax.sampling (tiny random SD, 64 px, CPU)."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+from PIL import Image
+import pytest
+
+from dpg_jax import sampling
+
+PROMPTS = ['a photo of sks dog', 'a red cube on the beach', 'a cat in the snow']
+STEPS = 3
+RES = 64
+
+
+@pytest.fixture(scope='module')
+def cfg_sampler(tiny_sd):
+  """DDIM + CFG at batch size 2: shared so most tests reuse one compilation."""
+  sd, _ = tiny_sd
+  return sampling.Sampler(sd, resolution=RES, scheduler='ddim', num_inference_steps=STEPS,
+                          guidance_scale=3.0, batch_size=2)
+
+
+@pytest.fixture(scope='module')
+def cfg_images(tiny_sd, cfg_sampler):
+  """Float images of PROMPTS with seeds (0, 1, 2): 2 chunks, the last padded."""
+  _, params = tiny_sd
+  return cfg_sampler.sample(params, PROMPTS, [0, 1, 2])
+
+
+# -- schedulers ------------------------------------------------------------------
+def test_unknown_scheduler_error(tiny_sd):
+  with pytest.raises(ValueError, match=r"sample\.scheduler='euler'.*'ddim', 'pndm', 'dpm_solver'"):
+    sampling.make_scheduler('euler', {})
+  with pytest.raises(ValueError, match=r'sample\.scheduler'):
+    sampling.Sampler(tiny_sd[0], resolution=RES, scheduler='lms')
+
+
+@pytest.mark.parametrize('name', list(sampling.SCHEDULERS))
+def test_make_scheduler_reads_config(tiny_sd, name):
+  config = dict(tiny_sd[0].scheduler_config, prediction_type='v_prediction')
+  sched = sampling.make_scheduler(name, config)
+  assert isinstance(sched, sampling.SCHEDULERS[name])
+  assert sched.config.prediction_type == 'v_prediction'
+  assert sched.config.beta_schedule == 'scaled_linear'
+  assert sched.config.num_train_timesteps == config['num_train_timesteps']
+  if name == 'pndm':
+    assert sched.config.skip_prk_steps
+    # PLMS with skipped Runge-Kutta steps: n + 1 timesteps (one repeated), ending at 1.
+    state = sched.set_timesteps(sched.create_state(), 4, (1, 4, 8, 8))
+    np.testing.assert_array_equal(state.timesteps, [751, 501, 501, 251, 1])
+
+
+def test_initial_noise_depends_only_on_seed():
+  noise = np.asarray(sampling.initial_noise(np.array([7, 3, 7]), (4, 8, 8)))
+  ref = np.asarray(jax.random.normal(jax.random.PRNGKey(3), (4, 8, 8)))
+  np.testing.assert_array_equal(noise[1], ref)
+  np.testing.assert_array_equal(noise[0], noise[2])
+  assert np.abs(noise[0] - noise[1]).mean() > 0.5
+
+
+# -- sampling --------------------------------------------------------------------
+def test_ddim_shape_dtype_and_range(tiny_sd, cfg_sampler, cfg_images):
+  assert cfg_images.shape == (3, RES, RES, 3) and cfg_images.dtype == np.float32
+  assert np.all(np.isfinite(cfg_images))
+  assert cfg_images.min() >= -1.0 and cfg_images.max() <= 1.0
+  assert cfg_images.std() > 0.05  # not a constant image
+  u8 = cfg_sampler(tiny_sd[1], PROMPTS[:2], [0, 1])
+  assert u8.shape == (2, RES, RES, 3) and u8.dtype == np.uint8
+  np.testing.assert_array_equal(u8, sampling.to_uint8(cfg_images[:2]))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('name', ['pndm', 'dpm_solver'])
+def test_other_schedulers_shape_dtype(tiny_sd, cfg_images, name):
+  sd, params = tiny_sd
+  sampler = sampling.Sampler(sd, resolution=RES, scheduler=name, num_inference_steps=4,
+                             guidance_scale=3.0, batch_size=2)
+  images = sampler(params, PROMPTS[:1], [0])
+  assert images.shape == (1, RES, RES, 3) and images.dtype == np.uint8
+  assert images.std() > 5
+  # A different solver gives a different (but related) image from the same noise.
+  ddim = sampling.to_uint8(cfg_images[0]).astype(np.int32)
+  assert np.abs(images[0].astype(np.int32) - ddim).mean() > 0.5
+
+
+def test_seeds(tiny_sd, cfg_sampler, cfg_images):
+  _, params = tiny_sd
+  same = cfg_sampler.sample(params, [PROMPTS[0]] * 3, [5, 9, 5])
+  # Positions 0 and 2 fall in different chunks (and 2 is padded): still identical.
+  np.testing.assert_allclose(same[0], same[2], atol=1e-6)
+  assert np.abs(same[0] - same[1]).mean() > 0.05
+  assert np.abs(same[0] - cfg_images[0]).mean() > 0.05  # seed 5 vs seed 0
+  np.testing.assert_array_equal(cfg_sampler(params, [PROMPTS[0]], [5]),
+                                cfg_sampler(params, [PROMPTS[0]], [5]))
+
+
+def test_invariant_to_batch_size_and_padding(tiny_sd, cfg_sampler, cfg_images):
+  sd, params = tiny_sd
+  # Batch size 4: one chunk, one padding row (vs 2 chunks at batch size 2).
+  bs4 = sampling.Sampler(sd, resolution=RES, scheduler='ddim', num_inference_steps=STEPS,
+                         guidance_scale=3.0, batch_size=4)
+  images = bs4.sample(params, PROMPTS, [0, 1, 2])
+  # Not bit-exact: XLA:CPU may pick other matmul blockings for other batch sizes.
+  np.testing.assert_allclose(images, cfg_images, atol=1e-5)
+  # One prompt alone (1 real row + 1 padding row) and moved to another position.
+  alone = cfg_sampler.sample(params, [PROMPTS[2], PROMPTS[1]], [2, 1])
+  np.testing.assert_allclose(alone, cfg_images[[2, 1]], atol=1e-5)
+  assert cfg_sampler.sample(params, [], []).shape == (0, RES, RES, 3)
+
+
+def test_negative_prompt_changes_cfg_output(tiny_sd, cfg_sampler, cfg_images):
+  neg = cfg_sampler.sample(tiny_sd[1], PROMPTS[:1], [0], negative_prompt='blue snow')
+  assert np.abs(neg[0] - cfg_images[0]).mean() > 0.01
+
+
+@pytest.mark.slow  # two compilations (~25 s on 2 busy cores)
+def test_guidance_one_skips_uncond_pass(tiny_sd):
+  sd, params = tiny_sd
+  kw = dict(resolution=RES, scheduler='ddim', num_inference_steps=STEPS, guidance_scale=1.0,
+            batch_size=2)
+  plain = sampling.Sampler(sd, **kw)
+  assert not plain.do_cfg
+  forced = sampling.Sampler(sd, **kw)
+  forced.do_cfg = True  # the CFG formula with scale 1, before the first trace
+  a = plain.sample(params, PROMPTS[:2], [0, 1])
+  b = forced.sample(params, PROMPTS[:2], [0, 1])
+  np.testing.assert_allclose(a, b, atol=1e-5)
+  # No unconditional pass: the negative prompt cannot matter.
+  c = plain.sample(params, PROMPTS[:2], [0, 1], negative_prompt='a cat')
+  np.testing.assert_array_equal(a, c)
+
+
+def test_new_params_do_not_recompile(tiny_sd, cfg_sampler, cfg_images):
+  _, params = tiny_sd
+  cfg_sampler.sample(params, PROMPTS[:1], [0])  # compiled (by cfg_images) and traced once
+  traces, cache = cfg_sampler.trace_count, cfg_sampler._generate_jit._cache_size()
+  assert traces == 1 and cache == 1
+  # As after a training step: new values, same structure (the UNet is perturbed).
+  perturbed = dict(params, unet=jax.tree.map(lambda x: x * 1.05, params['unet']))
+  images = cfg_sampler.sample(perturbed, PROMPTS, [0, 1, 2])
+  assert np.abs(images - cfg_images).mean() > 1e-3  # params were arguments, not constants
+  assert cfg_sampler.trace_count == traces
+  assert cfg_sampler._generate_jit._cache_size() == cache
+
+
+def test_bad_inputs(tiny_sd, cfg_sampler):
+  with pytest.raises(ValueError, match='2 prompts but 1 seeds'):
+    cfg_sampler.sample(tiny_sd[1], PROMPTS[:2], [0])
+  with pytest.raises(ValueError, match='seeds'):
+    cfg_sampler.sample(tiny_sd[1], PROMPTS[:1], [-1])
+  with pytest.raises(ValueError, match='multiple of 16'):
+    sampling.Sampler(tiny_sd[0], resolution=40)
+
+
+_MESH_SCRIPT = textwrap.dedent('''
+    import json, sys
+    import jax, numpy as np
+    from dpg_jax import models, sampling, sharding
+    assert jax.device_count() == 4, jax.devices()
+    sd, params = models.load_stable_diffusion(sys.argv[1])
+    prompts = ['a photo of sks dog', 'a red cube on the beach', 'a cat in the snow',
+               'a dog on the grass', 'a blue sphere']
+    seeds = [0, 1, 2, 3, 4]
+    kw = dict(resolution=64, num_inference_steps=3, guidance_scale=3.0)
+    sharded = sampling.Sampler(sd, batch_size=3, mesh=sharding.make_mesh(), **kw)
+    single = sampling.Sampler(sd, batch_size=3, **kw)
+    a = sharded.sample(params, prompts, seeds)
+    b = single.sample(params, prompts, seeds)
+    rep = sharding.replicated(sharded.mesh)
+    out = sharded._generate_jit(
+        sharded._put_params(params), sharded._put_batch(sd.tokenize(prompts[:4])),
+        sharding.put_global(sd.tokenize(['']), rep),
+        sharded._put_batch(np.arange(4, dtype=np.uint32)))
+    print(json.dumps({
+        'batch_size': sharded.batch_size,
+        'max_diff': float(np.abs(a - b).max()),
+        'std': float(a.std()),
+        'out_devices': len(out.sharding.device_set),
+        'shard_rows': [s.data.shape[0] for s in out.addressable_shards],
+    }))
+''')
+
+
+@pytest.mark.slow
+def test_mesh_sharded_matches_single_device(tiny_sd_dir):
+  env = dict(os.environ, JAX_PLATFORMS='cpu',
+             XLA_FLAGS='--xla_force_host_platform_device_count=4',
+             PYTHONPATH=os.pathsep.join([os.path.dirname(os.path.dirname(__file__)),
+                                         os.environ.get('PYTHONPATH', '')]))
+  proc = subprocess.run([sys.executable, '-c', _MESH_SCRIPT, tiny_sd_dir], env=env,
+                        capture_output=True, text=True, timeout=600, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  res = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert res['batch_size'] == 4  # 3 rounded up to the 4-device data axis
+  assert res['out_devices'] == 4 and res['shard_rows'] == [1, 1, 1, 1]
+  assert res['std'] > 0.05
+  assert res['max_diff'] < 1e-5, res
+
+
+# -- image files -------------------------------------------------------------------
+def _toy_images(n, h=4, w=6):
+  return (np.arange(n * h * w * 3).reshape(n, h, w, 3) % 251).astype(np.uint8)
+
+
+def test_image_grid_layout():
+  images = _toy_images(5)
+  grid = sampling.image_grid(images)  # ceil(sqrt(5)) = 3 columns, 2 rows
+  assert grid.shape == (8, 18, 3) and grid.dtype == np.uint8
+  np.testing.assert_array_equal(grid[4:8, 6:12], images[4])
+  np.testing.assert_array_equal(grid[0:4, 12:18], images[2])
+  assert not grid[4:8, 12:18].any()  # empty cell
+  assert sampling.image_grid(images, ncols=5).shape == (4, 30, 3)
+  assert sampling.image_grid(images, ncols=9).shape == (4, 30, 3)
+  with pytest.raises(ValueError, match='uint8'):
+    sampling.image_grid(images.astype(np.float32))
+
+
+def test_save_images_and_grid(tmp_path):
+  images = _toy_images(3)
+  paths = sampling.save_images(images, str(tmp_path / 'out'), 'step_10')
+  assert [os.path.basename(p) for p in paths] == [
+      'step_10_0000.png', 'step_10_0001.png', 'step_10_0002.png']
+  for p, im in zip(paths, images):
+    np.testing.assert_array_equal(np.asarray(Image.open(p)), im)
+  named = sampling.save_images(images[1:], str(tmp_path / 'out'), names=['x.png', 'y.png'])
+  assert [os.path.basename(p) for p in named] == ['x.png', 'y.png']
+  np.testing.assert_array_equal(np.asarray(Image.open(named[1])), images[2])
+  path = sampling.save_grid(images, str(tmp_path / 'grid.png'), ncols=1)
+  np.testing.assert_array_equal(np.asarray(Image.open(path)), sampling.image_grid(images, 1))
+  sampling.save_grid(images[:1], path)  # overwrites in place
+  np.testing.assert_array_equal(np.asarray(Image.open(path)), images[0])
+  assert sorted(os.listdir(tmp_path)) == ['grid.png', 'out']  # no temp files left

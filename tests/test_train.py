@@ -1,0 +1,273 @@
+"""The DreamBooth train step and loop: parity, sharding, resume, bad input."""
+import functools
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import tiny as tiny_config
+from dpg_jax import checkpoint as ckpt_lib
+from dpg_jax import data as data_lib
+from dpg_jax import train
+from dpg_jax import writers
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _config(**overrides):
+  c = tiny_config.get_config()
+  c.batch_size = 2
+  c.num_steps = 4
+  c.log_every = 1
+  c.checkpoint_every = 2
+  c.sample_every = 0
+  c.sample.prompts = ()
+  c.export = False
+  c.data.num_class_images = 2
+  c.data.class_sample_steps = 2
+  for k, v in overrides.items():
+    node = c
+    *path, leaf = k.split('.')
+    for p in path:
+      node = node[p]
+    node[leaf] = v
+  return c
+
+
+def _host_batch(sd, config, step=0, n_inst=3):
+  rs = np.random.RandomState(0)
+  h = config.data.resolution // sd.vae_scale
+  lat = lambda n: rs.randn(n, 4, h, h).astype(np.float32)
+  latents = data_lib.SubjectLatents(lat(n_inst), np.abs(lat(n_inst)) * .1, lat(4),
+                                    np.abs(lat(4)) * .1)
+  gb = config.batch_size * config.grad_accum_steps
+  b = data_lib.sample_batch(latents, step=step, seed=0, batch_size=gb)
+  ids = sd.tokenize(['a photo of sks toy', 'a photo of toy'])
+  if config.train_text_encoder:
+    b['instance_ids'] = np.repeat(ids[:1], gb, 0)
+    b['class_ids'] = np.repeat(ids[1:], gb, 0)
+  else:   # frozen text encoder: the step gets embeddings (any fixed array will do)
+    ctx = rs.randn(2, sd.max_length, sd.text_encoder.config.hidden_size).astype(np.float32)
+    b['instance_context'] = np.repeat(ctx[:1], gb, 0)
+    b['class_context'] = np.repeat(ctx[1:], gb, 0)
+  return b
+
+
+def _state(sd, params, config):
+  spec = train.make_step_spec(sd, config)
+  trainable = {'unet': params['unet']}
+  if config.train_text_encoder:
+    trainable['text_encoder'] = params['text_encoder']
+  return spec, train.init_state(spec, trainable, jax.random.PRNGKey(0))
+
+
+def test_loss_goes_down_on_a_fixed_batch(tiny_sd):
+  sd, params = tiny_sd
+  config = _config(learning_rate=3e-4, warmup_steps=0, train_text_encoder=False)
+  spec, state = _state(sd, params, config)
+  batch = _host_batch(sd, config)
+  step = jax.jit(functools.partial(train.train_step, spec))
+  # Fixed rng *and* fixed step index: the same noise every time, so the loss
+  # measured before each update must fall as the model fits this example.
+  losses = []
+  for _ in range(20):
+    new, m = step(state.replace(step=jnp.zeros((), jnp.int32)), batch, jax.random.PRNGKey(1))
+    state = new.replace(step=jnp.zeros((), jnp.int32))
+    losses.append(float(m['loss']))
+  assert np.all(np.isfinite(losses))
+  assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_grad_accumulation_matches_manual_micro_batches(tiny_sd):
+  sd, params = tiny_sd
+  config = _config(grad_accum_steps=2, batch_size=1, max_grad_norm=0.0,
+                   train_text_encoder=False)
+  spec, state = _state(sd, params, config)
+  batch = _host_batch(sd, config)
+  rng = jax.random.PRNGKey(3)
+  new, metrics = jax.jit(functools.partial(train.train_step, spec))(state, batch, rng)
+
+  # Reference: the two micro-batches' grads computed separately, averaged.
+  r = jax.random.split(jax.random.fold_in(rng, 0), 3)
+  micro = [jax.tree.map(lambda x, i=i: x[i:i + 1], batch) for i in range(2)]
+  micro_grads = jax.jit(functools.partial(train._micro_grads, spec))
+  outs = [micro_grads(state.params, None, None, m, r[i]) for i, m in enumerate(micro)]
+  grads = jax.tree.map(lambda a, b: (a + b) / 2, outs[0][3], outs[1][3])
+  updates, _ = spec.optimizer.update(grads, state.opt_state, state.params)
+  want = jax.tree.map(lambda p, u: p + u, state.params, updates)
+  np.testing.assert_allclose(float(metrics['loss']), float((outs[0][0] + outs[1][0]) / 2),
+                             rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(new.params), jax.tree.leaves(want)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+
+
+def test_v_prediction_target(tiny_sd):
+  sd, params = tiny_sd
+  spec = train.make_step_spec(sd, _config(prediction_type='v_prediction'))
+  x0 = jnp.ones((2, 4, 8, 8))
+  eps = jnp.full((2, 4, 8, 8), 2.0)
+  t = jnp.array([0, 999])
+  abar = spec.alphas_cumprod[np.asarray(t)][:, None, None, None]
+  want = np.sqrt(abar) * 2.0 - np.sqrt(1 - abar) * 1.0
+  np.testing.assert_allclose(np.asarray(train._target(spec, x0, eps, t)),
+                             np.broadcast_to(want, (2, 4, 8, 8)), rtol=1e-6)
+  with pytest.raises(ValueError, match='prediction_type'):
+    train.make_step_spec(sd, _config(prediction_type='sample'))
+
+
+_SHARDED_SCRIPT = textwrap.dedent('''
+    import json, sys
+    import jax, numpy as np
+    sys.path.insert(0, {repo!r})
+    from dpg_jax import models, sharding, train
+    from tests import test_train as tt
+    sd, params = models.load_stable_diffusion({sd_dir!r})
+    config = tt._config(batch_size=8, train_text_encoder=False)
+    out = {{}}
+    for n in (1, 8):
+      mesh = sharding.make_mesh(n)
+      spec = train.make_step_spec(sd, config)
+      trainable = {{'unet': params['unet']}}
+      state, sh = train.create_sharded_state(spec, trainable, jax.random.PRNGKey(0), mesh)
+      step = train.compile_train_step(spec, mesh, sh)
+      rng = sharding.put_global(np.asarray(jax.random.PRNGKey(1)), sharding.replicated(mesh))
+      for i in range(2):
+        batch = sharding.put_batch(tt._host_batch(sd, config, step=i), mesh)
+        state, m = step(state, batch, rng, None)
+      assert len(state.params['unet']['conv_in']['kernel'].sharding.device_set) == n
+      out[n] = [np.asarray(x).ravel()[:4096].tolist() for x in jax.tree.leaves(state.params)]
+      out[str(n) + '_loss'] = float(m['loss'])
+    diff = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+               for a, b in zip(out[1], out[8]))
+    print(json.dumps({{'max_diff': diff, 'loss1': out['1_loss'], 'loss8': out['8_loss'],
+                      'devices': jax.device_count()}}))
+''')
+
+
+def test_sharded_step_matches_single_device(tiny_sd_dir, tmp_path):
+  """8 forced CPU devices ('data' axis, batch sharded) == 1 device, 2 steps."""
+  script = tmp_path / 'sharded.py'
+  script.write_text(_SHARDED_SCRIPT.format(repo=REPO, sd_dir=tiny_sd_dir))
+  env = dict(os.environ, JAX_PLATFORMS='cpu',
+             XLA_FLAGS='--xla_force_host_platform_device_count=8 '
+                       '--xla_backend_optimization_level=1')
+  out = subprocess.run([sys.executable, str(script)], env=env, cwd=REPO, capture_output=True,
+                       text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  res = json.loads(out.stdout.strip().splitlines()[-1])
+  assert res['devices'] == 8
+  assert res['max_diff'] < 1e-5, res
+  assert abs(res['loss1'] - res['loss8']) < 1e-5, res
+
+
+def _run(config, workdir, sd_dir):
+  config.model.pretrained = sd_dir
+  return train.train_and_evaluate(config, str(workdir))
+
+
+def _restore_params(workdir, step, like):
+  ck = ckpt_lib.Checkpointer(os.path.join(workdir, 'checkpoints'))
+  try:
+    state, _ = ck.restore(step, like)
+  finally:
+    ck.close()
+  return state
+
+
+def test_resumed_run_equals_uninterrupted(tiny_sd_dir, tmp_path):
+  full = _run(_config(num_steps=4), tmp_path / 'full', tiny_sd_dir)
+  # "Killed" after the checkpoint at step 2, then the same command again.
+  _run(_config(num_steps=2), tmp_path / 'resumed', tiny_sd_dir)
+  rows_before = writers.read_metrics(str(tmp_path / 'resumed'))
+  resumed = _run(_config(num_steps=4), tmp_path / 'resumed', tiny_sd_dir)
+  assert [r['step'] for r in rows_before] == [1, 2]
+  steps = [r['step'] for r in writers.read_metrics(str(tmp_path / 'resumed'))]
+  assert steps == [1, 2, 3, 4], steps   # steps 1-2 were not run again
+  assert int(resumed.step) == int(full.step) == 4
+  for a, b in zip(jax.tree.leaves(full.params), jax.tree.leaves(resumed.params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  for a, b in zip(jax.tree.leaves(full.opt_state), jax.tree.leaves(resumed.opt_state)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # The checkpoint on disk is the final state, and class images were reused.
+  restored = _restore_params(str(tmp_path / 'full'), 4, full)
+  for a, b in zip(jax.tree.leaves(full.params), jax.tree.leaves(restored.params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert sorted(os.listdir(tmp_path / 'resumed' / 'class_images')) == [
+      'class_00000.png', 'class_00001.png']
+
+
+def test_non_finite_run_stops_without_checkpoint(tiny_sd_dir, tmp_path):
+  config = _config(num_steps=3, learning_rate=1e30, max_grad_norm=0.0, warmup_steps=0)
+  with pytest.raises(ckpt_lib.NonFiniteError, match='not finite; stopping without writing'):
+    _run(config, tmp_path / 'nan', tiny_sd_dir)
+  ck = ckpt_lib.Checkpointer(str(tmp_path / 'nan' / 'checkpoints'))
+  assert ck.latest_step() is None
+  ck.close()
+
+
+def test_checkpointer_refuses_nan_state(tmp_path):
+  ck = ckpt_lib.Checkpointer(str(tmp_path / 'ck'), async_save=False)
+  good = {'w': jnp.ones((3,))}
+  ck.save(1, good)
+  with pytest.raises(ckpt_lib.NonFiniteError, match='NaN/inf'):
+    ck.save(2, {'w': jnp.array([1.0, jnp.nan, 0.0])})
+  assert ck.all_steps() == [1]
+  ck.close()
+
+
+# --------------------------------------------------------------------------- #
+# Bad input: clear errors before any model load or compile.
+# --------------------------------------------------------------------------- #
+def test_missing_instance_dir_errors_before_model_load(tmp_path, monkeypatch):
+  def boom(*a, **k):
+    raise AssertionError('model loaded before the data was checked')
+  c = _config()
+  c.data.synthetic = False
+  c.data.instance_dir = str(tmp_path / 'nope')
+  c.model.tiny = ''
+  c.model.pretrained = str(tmp_path / 'missing_model')
+  monkeypatch.setattr(train, 'load_model', boom)
+  with pytest.raises(data_lib.DataError, match=r'nope.*data\.instance_dir|data\.instance_dir.*nope'):
+    train.train_and_evaluate(c, str(tmp_path / 'w'))
+
+
+def test_validate_config_messages():
+  c = _config()
+  c.data.resolution = 60
+  with pytest.raises(ValueError, match='data.resolution=60'):
+    train.validate_config(c)
+  c = _config()
+  c.data.instance_dir = '/x'
+  with pytest.raises(ValueError, match='exactly one of config keys data.instance_dir'):
+    train.validate_config(c)
+  c = _config(lr_schedule='exp')
+  with pytest.raises(ValueError, match="lr_schedule='exp'"):
+    train.validate_config(c)
+  c = _config()
+  c.sample.scheduler = 'euler'
+  with pytest.raises(ValueError, match='sample.scheduler'):
+    train.validate_config(c)
+
+
+def test_unwritable_workdir(tmp_path):
+  blocker = tmp_path / 'file'
+  blocker.write_text('x')
+  with pytest.raises(PermissionError, match='--workdir .*file/sub is not writable'):
+    train.check_workdir(str(blocker / 'sub'))
+
+
+def test_unknown_config_key_is_rejected_by_the_cli(tmp_path):
+  out = subprocess.run(
+      [sys.executable, '-m', 'dpg_jax.main', '--config=configs/tiny.py',
+       f'--workdir={tmp_path}', '--config.learning_rat=1e-4'],
+      cwd=REPO, capture_output=True, text=True, timeout=120,
+      env=dict(os.environ, JAX_PLATFORMS='cpu'))
+  assert out.returncode != 0
+  assert 'learning_rat' in out.stderr
+  assert not os.path.exists(tmp_path / 'checkpoints')
