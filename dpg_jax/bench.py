@@ -10,12 +10,9 @@ are measured in one process, so their ratio is a fair comparison. FLOPs are
 XLA's cost analysis of the compiled step (analytic, per step, all devices).
 """
 import copy
-import functools
 import json
-import os
 import resource
 import statistics
-import sys
 import tempfile
 import time
 
@@ -23,10 +20,9 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-for _arg in sys.argv:  # as in main.py: config files import `configs.default`
-  if _arg.startswith('--config='):
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(
-        _arg.split('=', 1)[1].split(':', 1)[0]))))
+from dpg_jax import cli
+
+cli.config_repo_on_path()
 
 config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=True)
 _SHAPES = flags.DEFINE_enum('shapes', 'config', ['config', 'sd14'],
@@ -101,12 +97,13 @@ def apply_variant(config, variant: str):
     elif variant == 'dpg_dino':
       c.dpg.enabled = True
       c.dpg.rewards = 'dino:1.0'
+      c.dpg.tiny_encoders = c.dpg.tiny_encoders or bool(c.model.tiny)
     else:
       raise ValueError(f'--variants: unknown {variant!r}; expected dreambooth, dpg, dpg_dino.')
   return c
 
 
-def bench_variant(config, sd, params, workdir, steps: int) -> dict:
+def bench_variant(config, sd, params, workdir, steps: int, sd14: bool = False) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from dpg_jax import data as data_lib  # pylint: disable=g-import-not-at-top
@@ -120,7 +117,14 @@ def bench_variant(config, sd, params, workdir, steps: int) -> dict:
   dpg = None
   if config.dpg.enabled:
     refs = rs.randint(0, 256, (4, config.data.resolution, config.data.resolution, 3), np.uint8)
-    dpg = dpg_lib.DPG.build(config, sd, refs, ['a photo of sks dog'], workdir)
+    dino = None
+    if sd14 and 'dino' in config.dpg.rewards:
+      # DINO ViT-S/16 at its real shapes with random weights (no download).
+      from dpg_jax import encoders  # pylint: disable=g-import-not-at-top
+      enc = encoders.DinoEncoder(encoders.dino_vits16_config(), dtype=config.model.dtype)
+      dino = (enc, jax.tree.map(lambda s: (0.02 * rs.randn(*s.shape)).astype(np.float32),
+                                enc.init_shapes()))
+    dpg = dpg_lib.DPG.build(config, sd, refs, ['a photo of sks dog'], workdir, dino=dino)
   spec = train.make_step_spec(sd, config, dpg)
   lat = lambda n: rs.randn(n, sd.latent_channels, h, h).astype(np.float32)
   n_img = max(4, config.batch_size)
@@ -176,6 +180,7 @@ def bench_variant(config, sd, params, workdir, steps: int) -> dict:
 
 def main(argv):
   del argv
+  cli.quiet_logging()
   import jax  # pylint: disable=g-import-not-at-top
   from dpg_jax import sharding  # pylint: disable=g-import-not-at-top
   from dpg_jax import train  # pylint: disable=g-import-not-at-top
@@ -191,7 +196,8 @@ def main(argv):
   rows = []
   base = None
   for v in _VARIANTS.value:
-    r = bench_variant(apply_variant(config, v), sd, params, workdir, _STEPS.value)
+    r = bench_variant(apply_variant(config, v), sd, params, workdir, _STEPS.value,
+                      sd14=_SHAPES.value == 'sd14')
     base = base or r['s_per_step']
     r = {'variant': v, **r, 'step_ratio_vs_first': r['s_per_step'] / base}
     rows.append(r)

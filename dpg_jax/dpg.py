@@ -24,7 +24,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from dpg_jax import critic as critic_lib
 from dpg_jax import rewards as rewards_lib
@@ -76,13 +75,19 @@ class DPG:
 
   # -- construction (host, once per run) --------------------------------------
   @classmethod
-  def build(cls, config, sd, reference_images, prompts, workdir: str = '') -> 'DPG':
-    """Parses config.dpg and binds the rewards (loads encoders, embeds references)."""
+  def build(cls, config, sd, reference_images, prompts, workdir: str = '', *,
+            dino=None, clip=None) -> 'DPG':
+    """Parses config.dpg and binds the rewards (loads encoders, embeds references).
+
+    dino / clip: optional pre-loaded (encoder, params) that replace
+    dpg.dino_model / dpg.clip_model (the benchmark's random SD-size encoders).
+    """
     validate_config(config)
     d = config.dpg
-    dino, clip = d.dino_model, d.clip_model
+    dino = d.dino_model if dino is None else dino
+    clip = d.clip_model if clip is None else clip
     names = {t.name for t in rewards_lib.parse_reward_spec(d.rewards)}
-    if d.tiny_encoders:
+    if d.tiny_encoders and isinstance(dino, str) and isinstance(clip, str):
       from dpg_jax import encoders  # pylint: disable=g-import-not-at-top
       base = os.path.join(workdir, 'pretrained_tiny_encoders')
       if 'dino' in names:

@@ -8,7 +8,6 @@ update (Algorithm 1; `dpg_jax/dpg.py`) from the same UNet forward pass.
 """
 import dataclasses
 import functools
-import json
 import os
 import time
 from typing import Any
@@ -447,7 +446,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       writer.image(step, 'samples', grid)
 
   # --- loop -------------------------------------------------------------------
-  pending = None
   bar = tqdm.tqdm(total=config.num_steps, initial=start, desc='train',
                   disable=not is_main, dynamic_ncols=True)
   step = start

@@ -271,3 +271,32 @@ def test_unknown_config_key_is_rejected_by_the_cli(tmp_path):
   assert out.returncode != 0
   assert 'learning_rat' in out.stderr
   assert not os.path.exists(tmp_path / 'checkpoints')
+
+
+def test_sample_mode_from_export_and_from_checkpoint(tiny_sd_dir, tmp_path):
+  """--mode=sample: an exported pipeline and a checkpoint-only workdir agree."""
+  from dpg_jax import sample  # pylint: disable=g-import-not-at-top
+  config = _config(num_steps=2, export=True)
+  _run(config, tmp_path / 'run', tiny_sd_dir)
+  config.sample.prompts = ('a {identifier} {class_noun} on the moon',)
+  config.sample.num_images_per_prompt = 2
+  config.sample.num_inference_steps = 2
+  config.sample.output_dir = str(tmp_path / 'from_export')
+  out = sample.sample_and_save(config, str(tmp_path / 'run'))
+  manifest = json.load(open(os.path.join(out, 'manifest.json')))
+  assert [m['prompt'] for m in manifest['images']] == ['a sks toy on the moon'] * 2
+  assert [m['seed'] for m in manifest['images']] == [0, 1]
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  a = [np.asarray(Image.open(os.path.join(out, m['file']))) for m in manifest['images']]
+  assert a[0].shape == (64, 64, 3) and not np.array_equal(a[0], a[1])
+  # Same run without its export: base model + trainable weights of the checkpoint.
+  import shutil  # pylint: disable=g-import-not-at-top
+  shutil.rmtree(tmp_path / 'run' / 'export')
+  config.sample.output_dir = str(tmp_path / 'from_ckpt')
+  out2 = sample.sample_and_save(config, str(tmp_path / 'run'))
+  b = [np.asarray(Image.open(os.path.join(out2, m['file']))) for m in manifest['images']]
+  for x, y in zip(a, b):
+    assert np.abs(x.astype(int) - y.astype(int)).max() <= 1
+  with pytest.raises(FileNotFoundError, match='no exported pipeline'):
+    config.sample.source = str(tmp_path)
+    sample.sample_and_save(config, str(tmp_path))
