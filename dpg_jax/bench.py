@@ -6,7 +6,8 @@
 
 `--shapes=sd14` builds the UNet, text encoder and VAE at true SD1.4 shapes with
 random weights (no download: speed does not depend on the weights). Variants
-are measured in one process, so their ratio is a fair comparison. FLOPs are
+are measured in one process, in interleaved rounds (one step of each in turn),
+so machine-load drift hits all alike and their ratio is a fair comparison. FLOPs are
 XLA's cost analysis of the compiled step (analytic, per step, all devices).
 """
 import copy
@@ -103,7 +104,8 @@ def apply_variant(config, variant: str):
   return c
 
 
-def bench_variant(config, sd, params, workdir, steps: int, sd14: bool = False) -> dict:
+def bench_variant(config, sd, params, workdir, sd14: bool = False):
+  """Builds and compiles one variant's step; returns (run_step, summary)."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from dpg_jax import data as data_lib  # pylint: disable=g-import-not-at-top
@@ -161,21 +163,49 @@ def bench_variant(config, sd, params, workdir, steps: int, sd14: bool = False) -
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   flops = float((cost or {}).get('flops', float('nan')))
-  state, m = compiled(state, batch(0), rng, frozen)   # warm-up
-  jax.block_until_ready(m)
-  times = []
-  for i in range(1, steps + 1):
+  box = {'state': state, 'metrics': None}
+
+  def run_step(i: int) -> float:
+    """One timed step (the batch is built and placed outside the timing)."""
     b = batch(i)
     t = time.perf_counter()
-    state, m = compiled(state, b, rng, frozen)
-    jax.block_until_ready(m)
-    times.append(time.perf_counter() - t)
-  med = statistics.median(times)
+    box['state'], box['metrics'] = compiled(box['state'], b, rng, frozen)
+    jax.block_until_ready(box['metrics'])
+    return time.perf_counter() - t
+
+  run_step(0)   # warm-up
   images = gb * (2 if config.prior_preservation else 1)
-  mem, mem_kind = _peak_memory_bytes()
-  return {'compile_s': compile_s, 's_per_step': med, 'images_per_s': images / med,
-          'peak_mem_gib': mem / 2**30, 'mem_kind': mem_kind, 'gflop_per_step': flops / 1e9,
-          'tflop_per_s': flops / med / 1e12, 'loss_finite': bool(m['finite'])}
+
+  def summary(times) -> dict:
+    med = statistics.median(times)
+    mem, mem_kind = _peak_memory_bytes()
+    return {'compile_s': compile_s, 's_per_step': med, 'images_per_s': images / med,
+            'peak_mem_gib': mem / 2**30, 'mem_kind': mem_kind, 'gflop_per_step': flops / 1e9,
+            'tflop_per_s': flops / med / 1e12,
+            'loss_finite': bool(box['metrics']['finite'])}
+
+  return run_step, summary
+
+
+def measure(variants, make, steps: int, interleave: bool) -> list[dict]:
+  """Times every variant; interleaved rounds cancel drift in machine load.
+
+  make(variant) -> (run_step, summary). Interleaving holds all variants'
+  states at once, so SD-size runs measure one variant at a time instead.
+  """
+  times = {v: [] for v in variants}
+  if interleave:
+    runners = {v: make(v) for v in variants}
+    for i in range(1, steps + 1):
+      for v in variants:
+        times[v].append(runners[v][0](i))
+    return [{'variant': v, **runners[v][1](times[v])} for v in variants]
+  rows = []
+  for v in variants:
+    run_step, summary = make(v)
+    rows.append({'variant': v, **summary([run_step(i) for i in range(1, steps + 1)])})
+    del run_step, summary
+  return rows
 
 
 def main(argv):
@@ -193,14 +223,11 @@ def main(argv):
       config.data.resolution = 512
   else:
     sd, params = train.load_model(config, workdir)
-  rows = []
-  base = None
-  for v in _VARIANTS.value:
-    r = bench_variant(apply_variant(config, v), sd, params, workdir, _STEPS.value,
-                      sd14=_SHAPES.value == 'sd14')
-    base = base or r['s_per_step']
-    r = {'variant': v, **r, 'step_ratio_vs_first': r['s_per_step'] / base}
-    rows.append(r)
+  sd14 = _SHAPES.value == 'sd14'
+  make = lambda v: bench_variant(apply_variant(config, v), sd, params, workdir, sd14=sd14)
+  rows = measure(_VARIANTS.value, make, _STEPS.value, interleave=not sd14)
+  for r in rows:
+    r['step_ratio_vs_first'] = r['s_per_step'] / rows[0]['s_per_step']
   dev = jax.devices()[0]
   print(f'\ndevice: {dev.platform} {getattr(dev, "device_kind", "")} x{jax.device_count()}  '
         f'shapes={_SHAPES.value} res={config.data.resolution} batch={config.batch_size}+'

@@ -469,12 +469,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         if not bool(m['finite']):
           raise ckpt_lib.NonFiniteError(
               f'step {step}: loss={float(m["loss"])}, grad_norm={float(m["grad_norm"])} is not '
-              f'finite; stopping without writing a checkpoint. Last good checkpoint: '
-              f'{checkpointer.latest_step()} in {checkpointer.directory}.'
+              f'finite; stopping without writing a checkpoint. Last finite checkpoint: '
+              f'{checkpointer.latest_step()} in {checkpointer.directory} (a run that was '
+              f'already diverging may diverge again from it).'
               + (' ' + spec.dpg.divergence_hint() if spec.dpg else ''))
         scalars = {k: v for k, v in m.items() if k != 'finite'}
         scalars['lr'] = make_lr_schedule(config)(step - 1)
-        scalars['steps_per_sec'] = chrono.steps_per_sec()
+        if np.isfinite(chrono.steps_per_sec()):  # undefined until a step after the compile
+          scalars['steps_per_sec'] = chrono.steps_per_sec()
         writer.scalars(step, scalars)
         bar.set_postfix(loss=f'{float(m["loss"]):.4f}')
       if must_save:
