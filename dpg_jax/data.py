@@ -13,13 +13,14 @@ keeps each step's batch a pure function of (seed, step).
 import dataclasses
 import json
 import os
-import tempfile
 import warnings
 import zlib
 
 import numpy as np
 from PIL import Image
 from PIL import ImageOps
+
+from dpg_jax import fileio
 
 IMAGE_EXTS = ('.jpg', '.jpeg', '.png', '.webp')
 
@@ -188,26 +189,8 @@ def load_images(folder, resolution, *, center_crop=True, seed=0,
 # -----------------------------------------------------------------------------
 
 
-def _atomic_write(path, write_fn):
-  """Writes via a hidden temp file + rename: readers never see half a file."""
-  folder, name = os.path.split(path)
-  fd, tmp = tempfile.mkstemp(dir=folder or '.', prefix=f'.{name}.',
-                             suffix='.tmp')
-  try:
-    with os.fdopen(fd, 'wb') as f:
-      write_fn(f)
-      f.flush()
-      os.fsync(f.fileno())
-    os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide images from other users.
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-
-
 def _save_png(path, image):
-  _atomic_write(path, lambda f: Image.fromarray(image).save(f, format='PNG'))
+  fileio.atomic_write(path, lambda f: Image.fromarray(image).save(f, format='PNG'))
 
 
 def _make_dir(folder, config_key):
@@ -338,7 +321,7 @@ def make_synthetic_subject(out_dir, *, num_images=5, resolution=64, seed=0):
     if (name.startswith('subject_') and name.endswith('.png')
         and name not in names):
       os.remove(os.path.join(out_dir, name))
-  _atomic_write(manifest_path,
+  fileio.atomic_write(manifest_path,
                 lambda f: f.write(json.dumps(manifest, indent=1).encode()))
   return paths
 

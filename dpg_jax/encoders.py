@@ -37,6 +37,7 @@ from transformers import ViTConfig
 from transformers.models.clip import modeling_flax_clip
 from transformers.models.vit import modeling_flax_vit
 
+from dpg_jax import tiny
 from dpg_jax import weights
 
 Params = Any
@@ -590,20 +591,6 @@ a purple dog in a chef outfit with the eiffel tower in the background
 """
 
 
-def _bytes_to_unicode() -> list[str]:
-  """GPT-2 / CLIP byte -> printable unicode table (256 chars, canonical order)."""
-  bs = (list(range(ord('!'), ord('~') + 1)) + list(range(ord('¡'), ord('¬') + 1))
-        + list(range(ord('®'), ord('ÿ') + 1)))
-  cs = bs[:]
-  n = 0
-  for b in range(256):
-    if b not in bs:
-      bs.append(b)
-      cs.append(256 + n)
-      n += 1
-  return [chr(c) for c in cs]
-
-
 def _learn_merges(text: str, num_merges: int) -> list[tuple[str, str]]:
   """Greedy BPE on `text` with CLIP's '</w>' end-of-word marker (deterministic)."""
   words = collections.Counter(re.findall(r'[a-z]+', text.lower()))
@@ -635,7 +622,8 @@ def _learn_merges(text: str, num_merges: int) -> list[tuple[str, str]]:
 
 def write_tiny_clip_tokenizer(out_dir: str, num_merges: int = 64) -> CLIPTokenizerFast:
   """Writes a tiny CLIP BPE tokenizer (vocab layout of the real one) to out_dir."""
-  chars = _bytes_to_unicode()
+  # CLIP's byte -> unicode table, in its canonical order (shared with the tiny SD tokenizer).
+  chars = list(tiny.bytes_to_unicode().values())
   merges = _learn_merges(_TINY_CORPUS, num_merges)
   tokens = chars + [c + '</w>' for c in chars] + [''.join(m) for m in merges]
   tokens += ['<|startoftext|>', '<|endoftext|>']

@@ -41,7 +41,6 @@ import pathlib
 import re
 import shutil
 import sys
-import tempfile
 import time
 from typing import Any, Callable, Sequence
 
@@ -54,6 +53,7 @@ from PIL import Image
 import tqdm
 
 from dpg_jax import encoders
+from dpg_jax import fileio
 from dpg_jax import rewards
 
 METRICS = ('dino', 'clip_i', 'clip_t')
@@ -213,23 +213,6 @@ def record_key(record: dict) -> tuple:
   return ('prompt', record['subject'], record['method'], int(record['prompt_index']))
 
 
-def _atomic_write_text(path: str, text: str) -> None:
-  d = os.path.dirname(os.path.abspath(path))
-  os.makedirs(d, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=d, prefix='.tmp_' + os.path.basename(path))
-  try:
-    with os.fdopen(fd, 'w', encoding='utf-8') as f:
-      f.write(text)
-      f.flush()
-      os.fsync(f.fileno())
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-
-
 class Ledger:
   """Finished units of an evaluation, keyed by `record_key`.
 
@@ -259,7 +242,7 @@ class Ledger:
     if torn or bad or len(self.records) != len(lines):
       logging.warning('Ledger %s: dropping %d torn, %d unreadable and %d duplicate lines.',
                       path, torn, bad, len(lines) - bad - len(self.records))
-      _atomic_write_text(path, ''.join(json.dumps(r, sort_keys=True) + '\n'
+      fileio.atomic_write_text(path, ''.join(json.dumps(r, sort_keys=True) + '\n'
                                        for r in self.records.values()))
 
   def __contains__(self, key) -> bool:
@@ -617,7 +600,7 @@ def _check_settings(workdir: str, settings: dict) -> None:
                        f'({"; ".join(diff)}); its units would not be comparable. Use a '
                        'new --workdir or the old settings.')
   else:
-    _atomic_write_text(path, json.dumps(settings, indent=1, sort_keys=True))
+    fileio.atomic_write_text(path, json.dumps(settings, indent=1, sort_keys=True))
 
 
 def make_scorer(config, workdir: str) -> Scorer:
@@ -846,7 +829,7 @@ class Evaluator:
     results['missing_subjects'] = self.missing
     results['incomplete_units'] = sum(u not in self.ledger for u in self.units)
     results['timing'] = self.timer.summary()
-    _atomic_write_text(os.path.join(self.workdir, 'results.json'),
+    fileio.atomic_write_text(os.path.join(self.workdir, 'results.json'),
                        json.dumps(results, indent=1, sort_keys=True))
-    _atomic_write_text(os.path.join(self.workdir, 'results.md'), results_markdown(results))
+    fileio.atomic_write_text(os.path.join(self.workdir, 'results.md'), results_markdown(results))
     return results

@@ -8,7 +8,6 @@ so results do not depend on batch size, padding or the number of devices.
 import inspect
 import math
 import os
-import tempfile
 from typing import Sequence
 
 from diffusers import FlaxDDIMScheduler
@@ -21,6 +20,7 @@ from jax.sharding import Mesh
 import numpy as np
 from PIL import Image
 
+from dpg_jax import fileio
 from dpg_jax import sharding
 
 SCHEDULERS = {
@@ -223,20 +223,8 @@ def _save_atomic(image: np.ndarray, path: str) -> str:
   """Writes via a temp file + rename: readers never see a partial image."""
   if image.ndim == 3 and image.shape[-1] == 1:
     image = image[..., 0]
-  d = os.path.dirname(os.path.abspath(path))
-  os.makedirs(d, exist_ok=True)
   fmt = Image.registered_extensions().get(os.path.splitext(path)[1].lower(), 'PNG')
-  fd, tmp = tempfile.mkstemp(dir=d, prefix='.tmp_', suffix=os.path.basename(path))
-  try:
-    with os.fdopen(fd, 'wb') as f:
-      Image.fromarray(image).save(f, format=fmt)
-    os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide outputs from other users.
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-  return path
+  return fileio.atomic_write(path, lambda f: Image.fromarray(image).save(f, format=fmt))
 
 
 def save_images(images, out_dir: str, prefix: str = 'image', *,

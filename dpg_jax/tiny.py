@@ -97,7 +97,7 @@ TINY_SPECS = {
 _MARKER = 'tiny_spec.json'
 
 
-def _bytes_to_unicode():
+def bytes_to_unicode() -> dict:
   """CLIP/GPT-2's reversible byte -> printable unicode char table."""
   bs = (list(range(ord('!'), ord('~') + 1)) + list(range(ord('¡'), ord('¬') + 1))
         + list(range(ord('®'), ord('ÿ') + 1)))
@@ -113,7 +113,7 @@ def _bytes_to_unicode():
 
 def tokenizer_vocab():
   """(vocab: dict[str, int], merges: list[str]) of the toy CLIP BPE tokenizer."""
-  base = list(_bytes_to_unicode().values())
+  base = list(bytes_to_unicode().values())
   vocab = base + [c + '</w>' for c in base]
   merges = []
   for word in _WORDS:

@@ -113,6 +113,18 @@ def as_str(value) -> str:
   return value.decode('utf-8') if isinstance(value, bytes) else str(value)
 
 
+def subject_features() -> tfds.features.FeaturesDict:
+  """One example per reference photo; shared by every subject dataset."""
+  return tfds.features.FeaturesDict({
+      # Stores the JPEG bytes as they are (see image_for_tfds).
+      'image': tfds.features.Image(shape=(None, None, 3)),
+      'subject': tfds.features.Text(),
+      'class_noun': tfds.features.Text(),
+      'live': tfds.features.Scalar(np.bool_),
+      'filename': tfds.features.Text(),
+  })
+
+
 class ArrayRecordBuilder(tfds.core.GeneratorBasedBuilder,
                          skip_registration=True):
   """Base of our builders: array_record files, no TensorFlow anywhere."""

@@ -41,7 +41,6 @@ import os
 import pathlib
 import re
 
-import numpy as np
 import tensorflow_datasets as tfds
 
 from dpg_jax.datasets import common
@@ -205,13 +204,7 @@ class CustomConcept101(common.ArrayRecordBuilder):
             'CustomConcept101: 101 concepts with 3-15 reference photos each; '
             'class nouns and 20 evaluation prompts per concept in `metadata`.'
             '\n' + ATTRIBUTION),
-        features=tfds.features.FeaturesDict({
-            'image': tfds.features.Image(shape=(None, None, 3)),
-            'subject': tfds.features.Text(),
-            'class_noun': tfds.features.Text(),
-            'live': tfds.features.Scalar(np.bool_),
-            'filename': tfds.features.Text(),
-        }),
+        features=common.subject_features(),
         disable_shuffling=True,
         homepage='https://www.cs.cmu.edu/~custom-diffusion/dataset.html',
         citation=_CITATION,

@@ -28,7 +28,6 @@ import os
 import pathlib
 import re
 
-import numpy as np
 import tensorflow_datasets as tfds
 
 from dpg_jax.datasets import common
@@ -269,14 +268,7 @@ class Dreambench(common.ArrayRecordBuilder):
             'Attribution 4.0; photographers are credited in '
             'references_and_licenses.txt, copied to attribution/ beside these '
             'files.'),
-        features=tfds.features.FeaturesDict({
-            # Stores the JPEG bytes as they are (see common.image_for_tfds).
-            'image': tfds.features.Image(shape=(None, None, 3)),
-            'subject': tfds.features.Text(),
-            'class_noun': tfds.features.Text(),
-            'live': tfds.features.Scalar(np.bool_),
-            'filename': tfds.features.Text(),
-        }),
+        features=common.subject_features(),
         # Keep file order: subject by subject, photos by name.
         disable_shuffling=True,
         homepage='https://github.com/google/dreambooth',
