@@ -144,6 +144,13 @@ def bench_variant(config, sd, params, workdir, sd14: bool = False):
   rng = jax.random.PRNGKey(0)
   state, state_sh = train.create_sharded_state(spec, trainable, rng, mesh,
                                                config.mesh.param_sharding)
+  if sd14:
+    # The state holds its own copy; at SD size a second one (4 GB) decides
+    # whether the step fits in host memory.
+    del trainable
+    params.pop('unet')
+    if config.train_text_encoder:
+      params.pop('text_encoder')
   frozen, frozen_sh = None, None
   if dpg is not None:
     frozen = dpg.frozen_inputs(params)
@@ -217,14 +224,22 @@ def main(argv):
   config = flags.FLAGS.config
   sharding.setup_runtime(config)
   workdir = tempfile.mkdtemp(prefix='dpg_bench_')
+  sd = params = None
   if _SHAPES.value == 'sd14':
-    sd, params = sd14_random(config.model.dtype, config.model.remat, config.model.attention)
     with config.unlocked():
-      config.data.resolution = 512
+      config.data.resolution = config.data.resolution or 512
   else:
     sd, params = train.load_model(config, workdir)
   sd14 = _SHAPES.value == 'sd14'
-  make = lambda v: bench_variant(apply_variant(config, v), sd, params, workdir, sd14=sd14)
+
+  def make(v):
+    if sd14:   # fresh random weights per variant: bench_variant frees its copy
+      sd_v, params_v = sd14_random(config.model.dtype, config.model.remat,
+                                   config.model.attention)
+    else:
+      sd_v, params_v = sd, dict(params)
+    return bench_variant(apply_variant(config, v), sd_v, params_v, workdir, sd14=sd14)
+
   rows = measure(_VARIANTS.value, make, _STEPS.value, interleave=not sd14)
   for r in rows:
     r['step_ratio_vs_first'] = r['s_per_step'] / rows[0]['s_per_step']
