@@ -272,9 +272,7 @@ def validate_config(config) -> None:
   if n_inst != 1:
     raise ValueError('exactly one of config keys data.instance_dir, data.subject, '
                      f'data.synthetic must be set (got {n_inst}).')
-  lr_ok = config.lr_schedule in ('constant', 'cosine', 'linear')
-  if not lr_ok:
-    make_lr_schedule(config)  # raises with the key name
+  make_lr_schedule(config)  # raises naming lr_schedule if unknown
   if config.dpg.enabled:
     dpg_lib.validate_config(config)
 
@@ -285,6 +283,9 @@ def resolve_pretrained(config, workdir: str) -> str:
     path = config.model.pretrained or os.path.join(workdir, 'pretrained_tiny')
     if jax.process_index() == 0:
       tiny.build_tiny_sd(path, spec=config.model.tiny, seed=config.seed)
+    if jax.process_count() > 1:  # the others read what process 0 wrote
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices('dpg_jax:tiny_sd_built')
     return path
   return config.model.pretrained
 
