@@ -211,6 +211,7 @@ def measure(variants, make, steps: int, interleave: bool) -> list[dict]:
   for v in variants:
     run_step, summary = make(v)
     rows.append({'variant': v, **summary([run_step(i) for i in range(1, steps + 1)])})
+    print('measured', json.dumps(rows[-1]), flush=True)  # survives a later OOM kill
     del run_step, summary
   return rows
 
