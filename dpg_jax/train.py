@@ -422,7 +422,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     state, _ = checkpointer.restore(start, state)
     logging.info('Resuming from step %d', start)
   start = int(start or 0)
-  writer = writers.MetricWriter(workdir)
+  writer = writers.MetricWriter(workdir, resume_step=start)
   chrono = writers.Chrono()
   logging.info('Set-up took %.1fs', time.perf_counter() - t_setup)
 

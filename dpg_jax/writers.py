@@ -6,17 +6,24 @@ import time
 import jax
 import numpy as np
 
+from dpg_jax import fileio
+
 
 class MetricWriter:
   """Scalars to <workdir>/metrics.jsonl and TensorBoard events under <workdir>/tb."""
 
-  def __init__(self, workdir: str, enabled: bool | None = None):
+  def __init__(self, workdir: str, enabled: bool | None = None, resume_step: int | None = None):
+    """resume_step: rows logged after it by a killed run are dropped (they are redone)."""
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
     self._jsonl = None
     self._tb = None
     if self.enabled:
       os.makedirs(workdir, exist_ok=True)
-      self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a', encoding='utf-8')
+      path = os.path.join(workdir, 'metrics.jsonl')
+      if resume_step is not None and os.path.exists(path):
+        keep = [r for r in read_metrics(workdir) if r['step'] <= resume_step]
+        fileio.atomic_write_text(path, ''.join(json.dumps(r) + '\n' for r in keep))
+      self._jsonl = open(path, 'a', encoding='utf-8')
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
       self._tb = SummaryWriter(os.path.join(workdir, 'tb'))
 

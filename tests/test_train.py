@@ -184,11 +184,15 @@ def test_resumed_run_equals_uninterrupted(tiny_sd_dir, tmp_path):
   full = _run(_config(num_steps=4), tmp_path / 'full', tiny_sd_dir)
   # "Killed" after the checkpoint at step 2, then the same command again.
   _run(_config(num_steps=2), tmp_path / 'resumed', tiny_sd_dir)
-  rows_before = writers.read_metrics(str(tmp_path / 'resumed'))
+  # A killed run may have logged steps past its last checkpoint: they are redone.
+  with open(tmp_path / 'resumed' / 'metrics.jsonl', 'a') as f:
+    f.write(json.dumps({'step': 3, 'loss': -1.0}) + '\n')
+  rows_before = [r for r in writers.read_metrics(str(tmp_path / 'resumed')) if r['step'] <= 2]
   resumed = _run(_config(num_steps=4), tmp_path / 'resumed', tiny_sd_dir)
   assert [r['step'] for r in rows_before] == [1, 2]
-  steps = [r['step'] for r in writers.read_metrics(str(tmp_path / 'resumed'))]
-  assert steps == [1, 2, 3, 4], steps   # steps 1-2 were not run again
+  rows = writers.read_metrics(str(tmp_path / 'resumed'))
+  assert [r['step'] for r in rows] == [1, 2, 3, 4]   # steps 1-2 not rerun, 3 not duplicated
+  assert rows[:2] == rows_before and rows[2]['loss'] > 0
   assert int(resumed.step) == int(full.step) == 4
   for a, b in zip(jax.tree.leaves(full.params), jax.tree.leaves(resumed.params)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
