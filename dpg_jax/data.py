@@ -322,7 +322,7 @@ def make_synthetic_subject(out_dir, *, num_images=5, resolution=64, seed=0):
         and name not in names):
       os.remove(os.path.join(out_dir, name))
   fileio.atomic_write(manifest_path,
-                lambda f: f.write(json.dumps(manifest, indent=1).encode()))
+                      lambda f: f.write(json.dumps(manifest, indent=1).encode()))
   return paths
 
 

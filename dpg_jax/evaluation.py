@@ -243,7 +243,7 @@ class Ledger:
       logging.warning('Ledger %s: dropping %d torn, %d unreadable and %d duplicate lines.',
                       path, torn, bad, len(lines) - bad - len(self.records))
       fileio.atomic_write_text(path, ''.join(json.dumps(r, sort_keys=True) + '\n'
-                                       for r in self.records.values()))
+                                             for r in self.records.values()))
 
   def __contains__(self, key) -> bool:
     return key in self.records
@@ -830,6 +830,6 @@ class Evaluator:
     results['incomplete_units'] = sum(u not in self.ledger for u in self.units)
     results['timing'] = self.timer.summary()
     fileio.atomic_write_text(os.path.join(self.workdir, 'results.json'),
-                       json.dumps(results, indent=1, sort_keys=True))
+                             json.dumps(results, indent=1, sort_keys=True))
     fileio.atomic_write_text(os.path.join(self.workdir, 'results.md'), results_markdown(results))
     return results

@@ -2,6 +2,7 @@
 import functools
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -9,6 +10,7 @@ import textwrap
 import jax
 import jax.numpy as jnp
 import numpy as np
+from PIL import Image
 import pytest
 
 from configs import tiny as tiny_config
@@ -290,17 +292,15 @@ def test_sample_mode_from_export_and_from_checkpoint(tiny_sd_dir, tmp_path):
   manifest = json.load(open(os.path.join(out, 'manifest.json')))
   assert [m['prompt'] for m in manifest['images']] == ['a sks toy on the moon'] * 2
   assert [m['seed'] for m in manifest['images']] == [0, 1]
-  from PIL import Image  # pylint: disable=g-import-not-at-top
   a = [np.asarray(Image.open(os.path.join(out, m['file']))) for m in manifest['images']]
   assert a[0].shape == (64, 64, 3) and not np.array_equal(a[0], a[1])
   # Same run without its export: base model + trainable weights of the checkpoint.
-  import shutil  # pylint: disable=g-import-not-at-top
   shutil.rmtree(tmp_path / 'run' / 'export')
   config.sample.output_dir = str(tmp_path / 'from_ckpt')
   out2 = sample.sample_and_save(config, str(tmp_path / 'run'))
   b = [np.asarray(Image.open(os.path.join(out2, m['file']))) for m in manifest['images']]
   for x, y in zip(a, b):
     assert np.abs(x.astype(int) - y.astype(int)).max() <= 1
+  config.sample.source = str(tmp_path)
   with pytest.raises(FileNotFoundError, match='no exported pipeline'):
-    config.sample.source = str(tmp_path)
     sample.sample_and_save(config, str(tmp_path))
