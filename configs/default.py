@@ -25,7 +25,12 @@ def get_config():
   c.model.tiny = ''
   c.model.dtype = 'float32'        # compute dtype: float32 | bfloat16 (master weights stay fp32)
   c.model.remat = False            # nn.remat around UNet blocks (activation memory for compute)
-  c.model.attention = 'standard'   # standard | memory_efficient | split_head_dim
+  # What each remat'd block keeps for the backward: nothing_saveable | dots_saveable |
+  # dots_with_no_batch_dims_saveable | everything_saveable (jax.checkpoint_policies).
+  c.model.remat_policy = 'nothing_saveable'
+  # standard | memory_efficient | split_head_dim (diffusers' Flax variants) | dot_product
+  # (jax.nn.dot_product_attention: cuDNN flash attention on GPU in bf16, XLA elsewhere).
+  c.model.attention = 'standard'
 
   # --- Subject data -----------------------------------------------------------
   c.data = ml_collections.ConfigDict()
@@ -53,6 +58,10 @@ def get_config():
   c.num_steps = 1000
   c.batch_size = 1                 # instance images per step (plus as many class images)
   c.grad_accum_steps = 1
+  # Accumulation counts up to this run as straight-line code; larger ones as a
+  # lax.scan (smaller program, but XLA:CPU runs backward convolutions inside
+  # loops ~10x slower). 0 forces the scan even for one micro-batch (benchmark).
+  c.grad_accum_unroll = 8
   c.learning_rate = 1e-6
   c.lr_schedule = 'constant'       # constant | cosine | linear
   c.warmup_steps = 0
@@ -61,6 +70,9 @@ def get_config():
   c.adam_eps = 1e-8
   c.weight_decay = 1e-2
   c.max_grad_norm = 1.0
+  # Storage dtype of both Adam moments: float32 | bfloat16 (halves optimiser memory;
+  # the update is still computed in float32). See dpg_jax/optimizer.py.
+  c.optimizer_state_dtype = 'float32'
   c.train_text_encoder = True
   c.prior_preservation = True
   c.prior_loss_weight = 1.0
@@ -110,5 +122,7 @@ def get_config():
   c.mesh.data = -1                 # size of the 'data' axis (-1 = all devices)
   c.mesh.param_sharding = 'replicate'  # replicate | fsdp (split params/opt state over 'data')
   c.distributed = False            # jax.distributed.initialize() (multi-host TPU/GPU)
+  # Persistent XLA compilation cache: '' = <user cache dir>/dpg_jax/xla (e.g.
+  # ~/.cache/dpg_jax/xla; $XDG_CACHE_HOME respected); 'none' switches it off.
   c.compilation_cache_dir = ''
   return c

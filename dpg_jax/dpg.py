@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from dpg_jax import critic as critic_lib
+from dpg_jax import diffusion
 from dpg_jax import rewards as rewards_lib
 
 _CONFIG_KEYS = ('rewards', 'gamma', 'instance_mse_weight', 'critic', 'dino_model', 'clip_model',
@@ -52,11 +53,6 @@ def validate_config(config) -> None:
   if d.critic.target_transform not in critic_lib.TARGET_TRANSFORMS:
     raise ValueError(f'config key dpg.critic.target_transform={d.critic.target_transform!r}: '
                      f'expected one of {critic_lib.TARGET_TRANSFORMS}.')
-
-
-def _flatten_micro(x):
-  """[k, B, ...] (scan over micro-batches) -> [k*B, ...]."""
-  return x.reshape((-1,) + x.shape[2:])
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -150,7 +146,7 @@ class DPG:
                   prediction_type, micro):
     """Policy part of Eq. 11 for the instance examples; differentiable in `pred`."""
     abar = jnp.asarray(alphas_cumprod)[t]
-    eps_hat, x0_hat = rewards_lib.eps_and_x0(pred, x_t, abar, prediction_type)
+    eps_hat, x0_hat = diffusion.eps_and_x0(pred, x_t, abar, prediction_type)
     per_ex = lambda v: jnp.mean(v.reshape(v.shape[0], -1), axis=-1)
     lf_err = per_ex(jnp.square(x0_hat - x0))
     inst_mse = jnp.mean(jnp.square(eps_hat - eps))
@@ -177,10 +173,13 @@ class DPG:
       aux['index'] = micro['instance_index']
     return loss, terms, aux
 
-  def critic_update(self, critics, frozen, auxs, rng):
-    """Eq. 4 for every critic on the detached quantities of this step's forward."""
+  def critic_update(self, critics, frozen, aux, rng):
+    """Eq. 4 for every critic on the detached quantities of this step's forward.
+
+    aux: `policy_loss`'s aux of every micro-batch, concatenated on axis 0.
+    """
     del rng  # the critic update is deterministic given the policy's forward pass
-    a = jax.tree.map(_flatten_micro, auxs)
+    a = aux
     batch = self._reward_batch(frozen, a['x0'], a['x0_hat'], a['eps'], a['eps_hat'], a['t'],
                                a.get('index'), with_images=True)
     costs = self.reward_set.costs(frozen['rewards'], batch)

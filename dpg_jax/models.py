@@ -7,6 +7,7 @@ Conventions used everywhere in dpg_jax:
   * params are a dict {'unet', 'vae', 'text_encoder'} of fp32 pytrees (master
     weights); modules compute in `dtype`.
 """
+import contextlib
 import dataclasses
 import functools
 import json
@@ -41,7 +42,8 @@ class StableDiffusion:
   source: str = ''      # where it was loaded from (for messages / export)
   dtype: str = 'float32'        # compute dtype of the modules
   remat: bool = False           # UNet blocks wrapped in nn.remat
-  attention: str = 'standard'   # standard | memory_efficient | split_head_dim
+  attention: str = 'standard'   # one of ATTENTIONS
+  remat_policy: str = 'nothing_saveable'  # one of REMAT_POLICIES (with remat)
 
   # -- static facts ------------------------------------------------------------
   @property
@@ -93,7 +95,8 @@ class StableDiffusion:
 
   def predict(self, unet_params, latents, timesteps, context):
     """UNet output (eps or v) for NCHW latents; returned in float32."""
-    out = self.unet.apply({'params': unet_params}, latents, timesteps, context).sample
+    with attention_context(self.attention):
+      out = self.unet.apply({'params': unet_params}, latents, timesteps, context).sample
     return out.astype(jnp.float32)
 
   def encode_images(self, vae_params, images):
@@ -115,7 +118,8 @@ class StableDiffusion:
 # -----------------------------------------------------------------------------
 COMPONENTS = ('unet', 'vae', 'text_encoder', 'tokenizer', 'scheduler')
 WEIGHTS_FORMATS = ('auto', 'flax', 'safetensors', 'pytorch')
-ATTENTIONS = ('standard', 'memory_efficient', 'split_head_dim')
+# 'dot_product': jax.nn.dot_product_attention (cuDNN flash attention on GPU).
+ATTENTIONS = ('standard', 'memory_efficient', 'split_head_dim', 'dot_product')
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 # Weight files per (library, format), in the order they are looked for.
@@ -170,16 +174,22 @@ def quiet_diffusers():
 _REMAT_BLOCKS = ('FlaxCrossAttnDownBlock2D', 'FlaxDownBlock2D', 'FlaxUNetMidBlock2DCrossAttn',
                  'FlaxCrossAttnUpBlock2D', 'FlaxUpBlock2D')
 _REMAT_LOCK = threading.Lock()
+# What each remat'd UNet block keeps from its forward pass for the backward
+# (jax.checkpoint_policies): nothing (least memory, most recompute), the
+# matmul/conv outputs, or those without batch dims.
+REMAT_POLICIES = ('nothing_saveable', 'dots_saveable', 'dots_with_no_batch_dims_saveable',
+                  'everything_saveable')
 
 
 @functools.cache
-def _remat_unet_class():
+def _remat_unet_class(policy: str = 'nothing_saveable'):
   """FlaxUNet2DConditionModel whose down/mid/up blocks are nn.remat'd."""
   from diffusers import FlaxUNet2DConditionModel  # pylint: disable=g-import-not-at-top
   from diffusers.configuration_utils import flax_register_to_config  # pylint: disable=g-import-not-at-top
   from diffusers.models.unets import unet_2d_condition_flax as unet_mod  # pylint: disable=g-import-not-at-top
 
-  remat_blocks = {n: nn.remat(getattr(unet_mod, n)) for n in _REMAT_BLOCKS}
+  jax_policy = getattr(jax.checkpoint_policies, policy)
+  remat_blocks = {n: nn.remat(getattr(unet_mod, n), policy=jax_policy) for n in _REMAT_BLOCKS}
 
   @flax_register_to_config
   class RematFlaxUNet2DConditionModel(FlaxUNet2DConditionModel):
@@ -204,13 +214,63 @@ def _remat_unet_class():
   return RematFlaxUNet2DConditionModel
 
 
-def make_unet(unet_config: dict, *, dtype='float32', remat=False, attention='standard'):
+def _cudnn_fits(q) -> bool:
+  """cuDNN flash attention: GPU, 16-bit, head dim a multiple of 8 up to 128."""
+  head_dim = q.shape[-1]
+  return (jax.default_backend() == 'gpu' and q.dtype in (jnp.bfloat16, jnp.float16)
+          and head_dim % 8 == 0 and head_dim <= 128)
+
+
+def attend(q, k, v, scale: float):
+  """softmax(q k^T * scale) v for [B, T, heads, head_dim] arrays.
+
+  jax.nn.dot_product_attention: cuDNN's fused flash kernel where it applies,
+  XLA's composition elsewhere (CPU, TPU, fp32, SD1.4's 160-wide heads).
+  """
+  if _cudnn_fits(q):
+    try:
+      return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation='cudnn')
+    except (NotImplementedError, ValueError, RuntimeError) as e:  # shape the kernel refuses
+      logging.getLogger(__name__).info('cuDNN attention unavailable (%s); using XLA', e)
+  return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation='xla')
+
+
+def _dot_product_attention(next_fun, args, kwargs, context):
+  """Flax method interceptor: diffusers' FlaxAttention.__call__ through `attend`.
+
+  Same submodules (to_q/to_k/to_v/to_out_0) and params as diffusers' module;
+  only the attention core differs, so no fork of the UNet is needed.
+  """
+  from diffusers.models.attention_flax import FlaxAttention  # pylint: disable=g-import-not-at-top
+  m = context.module
+  if context.method_name != '__call__' or not isinstance(m, FlaxAttention):
+    return next_fun(*args, **kwargs)
+  bound = dict(zip(('hidden_states', 'context', 'deterministic'), args), **kwargs)
+  x = bound['hidden_states']
+  ctx = x if bound.get('context') is None else bound['context']
+  heads = lambda y: y.reshape(y.shape[0], -1, m.heads, m.dim_head)
+  out = attend(heads(m.query(x)), heads(m.key(ctx)), heads(m.value(ctx)), m.dim_head ** -0.5)
+  out = m.proj_attn(out.reshape(out.shape[0], -1, m.heads * m.dim_head))
+  return m.dropout_layer(out, deterministic=bound.get('deterministic', True))
+
+
+def attention_context(attention: str):
+  """Context in which UNet applies use the chosen attention core."""
+  if attention == 'dot_product':
+    return nn.intercept_methods(_dot_product_attention)
+  return contextlib.nullcontext()
+
+
+def make_unet(unet_config: dict, *, dtype='float32', remat=False, attention='standard',
+              remat_policy='nothing_saveable'):
   """The Flax UNet module for a diffusers UNet config (dtype = compute dtype)."""
   from diffusers import FlaxUNet2DConditionModel  # pylint: disable=g-import-not-at-top
   if attention not in ATTENTIONS:
     raise ValueError(f'model.attention={attention!r}; expected one of {ATTENTIONS}.')
+  if remat_policy not in REMAT_POLICIES:
+    raise ValueError(f'model.remat_policy={remat_policy!r}; expected one of {REMAT_POLICIES}.')
   quiet_diffusers()
-  unet_cls = _remat_unet_class() if remat else FlaxUNet2DConditionModel
+  unet_cls = _remat_unet_class(remat_policy) if remat else FlaxUNet2DConditionModel
   # The two attention flags crash together in diffusers: one string picks one.
   return unet_cls.from_config(
       dict(unet_config), dtype=DTYPES[dtype] if isinstance(dtype, str) else dtype,
@@ -312,7 +372,7 @@ def _load_params(pretrained, path, fmt, shapes, library):
 
 
 def load_stable_diffusion(pretrained, *, revision='', weights_format='auto', dtype='float32',
-                          remat=False, attention='standard'):
+                          remat=False, attention='standard', remat_policy='nothing_saveable'):
   """Loads an SD1.x/2.x pipeline as (StableDiffusion, params).
 
   Args:
@@ -325,7 +385,9 @@ def load_stable_diffusion(pretrained, *, revision='', weights_format='auto', dty
     remat: wrap the UNet's down/mid/up blocks in nn.remat (same outputs and
       gradients, less activation memory).
     attention: 'standard', 'memory_efficient' or 'split_head_dim' (diffusers'
-      Flax UNet attention variants).
+      Flax UNet attention variants) or 'dot_product' (jax.nn.dot_product_attention:
+      cuDNN flash attention on GPU in bf16, XLA elsewhere).
+    remat_policy: what a remat'd block saves for the backward (REMAT_POLICIES).
 
   Returns:
     (sd, params) with params = {'unet', 'vae', 'text_encoder'} of fp32 arrays.
@@ -370,7 +432,7 @@ def load_stable_diffusion(pretrained, *, revision='', weights_format='auto', dty
   quiet_diffusers()
   jdtype = DTYPES[dtype]
   unet = make_unet(FlaxUNet2DConditionModel.load_config(os.path.join(root, 'unet')),
-                   dtype=dtype, remat=remat, attention=attention)
+                   dtype=dtype, remat=remat, attention=attention, remat_policy=remat_policy)
   vae = FlaxAutoencoderKL.from_config(
       FlaxAutoencoderKL.load_config(os.path.join(root, 'vae')), dtype=jdtype)
   te = FlaxCLIPTextModel(CLIPTextConfig.from_pretrained(os.path.join(root, 'text_encoder')),
@@ -386,7 +448,7 @@ def load_stable_diffusion(pretrained, *, revision='', weights_format='auto', dty
   params = {c: _load_params(pretrained, *files[c], shapes[c], _LIBRARY[c]) for c in _LIBRARY}
   sd = StableDiffusion(unet=unet, vae=vae, text_encoder=te, tokenizer=tokenizer,
                        scheduler_config=scheduler_config, source=root, dtype=dtype,
-                       remat=remat, attention=attention)
+                       remat=remat, attention=attention, remat_policy=remat_policy)
   return sd, params
 
 

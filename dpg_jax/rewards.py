@@ -56,50 +56,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dpg_jax import diffusion
+
 PyTree = Any
 SPEC_KEY = 'dpg.rewards'
 DEFAULT_GAMMA = 0.9986
-
-
-# -----------------------------------------------------------------------------
-# Diffusion algebra.
-# -----------------------------------------------------------------------------
-def _per_example(abar_t, x):
-  """[B] (or scalar) -> broadcastable against NCHW x."""
-  abar_t = jnp.asarray(abar_t, jnp.float32)
-  return abar_t.reshape(abar_t.shape + (1,) * (x.ndim - abar_t.ndim))
-
-
-def predict_x0(x_t, eps_hat, abar_t):
-  """Eq. 7: x0_hat = (x_t - sqrt(1 - abar_t) eps_hat) / sqrt(abar_t)."""
-  a = _per_example(abar_t, x_t)
-  return (x_t - jnp.sqrt(1.0 - a) * eps_hat) / jnp.sqrt(a)
-
-
-def eps_from_v(x_t, v, abar_t):
-  """v-prediction -> eps: eps = sqrt(abar) v + sqrt(1 - abar) x_t."""
-  a = _per_example(abar_t, x_t)
-  return jnp.sqrt(a) * v + jnp.sqrt(1.0 - a) * x_t
-
-
-def x0_from_v(x_t, v, abar_t):
-  """v-prediction -> x0: x0 = sqrt(abar) x_t - sqrt(1 - abar) v."""
-  a = _per_example(abar_t, x_t)
-  return jnp.sqrt(a) * x_t - jnp.sqrt(1.0 - a) * v
-
-
-def eps_and_x0(pred, x_t, abar_t, prediction_type: str = 'epsilon'):
-  """(eps_hat, x0_hat) from the UNet output of either parameterisation."""
-  if prediction_type == 'epsilon':
-    return pred, predict_x0(x_t, pred, abar_t)
-  if prediction_type == 'v_prediction':
-    return eps_from_v(x_t, pred, abar_t), x0_from_v(x_t, pred, abar_t)
-  raise ValueError(f'prediction_type={prediction_type!r}: expected epsilon | v_prediction.')
-
-
-def discount(t, gamma: float = DEFAULT_GAMMA):
-  """gamma**t per example [B] (Eq. 9 as the authors apply it)."""
-  return jnp.power(jnp.float32(gamma), jnp.asarray(t, jnp.float32))
 
 
 def paper_reward(cost):
@@ -419,7 +380,7 @@ class BoundReward:
   def policy_weight(self, t, gamma: float = DEFAULT_GAMMA):
     """weight * gamma**t (discounted) or weight, per example [B]."""
     w = jnp.full(jnp.shape(t), self.weight, jnp.float32)
-    return w * discount(t, gamma) if self.discounted else w
+    return w * diffusion.discount(t, gamma) if self.discounted else w
 
 
 @dataclasses.dataclass(frozen=True)

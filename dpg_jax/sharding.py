@@ -7,6 +7,7 @@ replicated ('replicate', the default and what SD1.4 needs on one accelerator
 host) or split over it along their largest divisible dimension ('fsdp', ZeRO-3
 style: XLA inserts the all-gathers, memory per device drops by the axis size).
 """
+import os
 import re
 from typing import Any, Sequence
 
@@ -26,12 +27,27 @@ def setup_runtime(config) -> None:
     jax.distributed.initialize()
   # Partitionable threefry: random numbers do not depend on how arrays are sharded.
   jax.config.update('jax_threefry_partitionable', True)
-  if config.get('compilation_cache_dir', ''):
-    jax.config.update('jax_compilation_cache_dir', config.compilation_cache_dir)
+  setting = config.get('compilation_cache_dir', '')
+  cache_dir = compilation_cache_dir(setting)
+  # An explicit setting wins; the default does not override one set by the
+  # environment (JAX_COMPILATION_CACHE_DIR) or by the tests.
+  if cache_dir and (setting or not jax.config.jax_compilation_cache_dir):
+    # Persistent compile cache: the SD1.4 step compiles once per machine, not per run.
+    jax.config.update('jax_compilation_cache_dir', cache_dir)
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
   logging.info('JAX process %d/%d, %d local / %d global devices (%s)',
                jax.process_index(), jax.process_count(), jax.local_device_count(),
                jax.device_count(), jax.devices()[0].platform)
+
+
+def compilation_cache_dir(setting: str) -> str:
+  """config.compilation_cache_dir: '' = the user's cache dir, 'none' = off."""
+  if setting == 'none':
+    return ''
+  if setting:
+    return os.path.expanduser(setting)
+  base = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
+  return os.path.join(base, 'dpg_jax', 'xla')
 
 
 def make_mesh(data: int = -1, devices: Sequence[Any] | None = None) -> Mesh:

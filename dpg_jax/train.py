@@ -23,8 +23,10 @@ import tqdm
 
 from dpg_jax import checkpoint as ckpt_lib
 from dpg_jax import data as data_lib
+from dpg_jax import diffusion
 from dpg_jax import dpg as dpg_lib
 from dpg_jax import models
+from dpg_jax import optimizer as optimizer_lib
 from dpg_jax import sampling
 from dpg_jax import sharding
 from dpg_jax import writers
@@ -39,35 +41,6 @@ class TrainState:
 
 
 # --------------------------------------------------------------------------- #
-# Optimiser
-# --------------------------------------------------------------------------- #
-def make_lr_schedule(config) -> optax.Schedule:
-  lr, warm, total = config.learning_rate, config.warmup_steps, max(config.num_steps, 1)
-  if config.lr_schedule == 'constant':
-    main = optax.constant_schedule(lr)
-  elif config.lr_schedule == 'cosine':
-    main = optax.cosine_decay_schedule(lr, max(total - warm, 1))
-  elif config.lr_schedule == 'linear':
-    main = optax.linear_schedule(lr, 0.0, max(total - warm, 1))
-  else:
-    raise ValueError(f"config key lr_schedule={config.lr_schedule!r}: expected "
-                     "'constant', 'cosine' or 'linear'.")
-  if warm > 0:
-    return optax.join_schedules([optax.linear_schedule(0.0, lr, warm), main], [warm])
-  return main
-
-
-def make_optimizer(config) -> optax.GradientTransformation:
-  """AdamW with global-norm clipping (the DreamBooth/DPG recipe)."""
-  parts = []
-  if config.max_grad_norm and config.max_grad_norm > 0:
-    parts.append(optax.clip_by_global_norm(config.max_grad_norm))
-  parts.append(optax.adamw(make_lr_schedule(config), b1=config.adam_b1, b2=config.adam_b2,
-                           eps=config.adam_eps, weight_decay=config.weight_decay))
-  return optax.chain(*parts)
-
-
-# --------------------------------------------------------------------------- #
 # The step
 # --------------------------------------------------------------------------- #
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -77,43 +50,29 @@ class StepSpec:
   alphas_cumprod: np.ndarray     # [T] float32
   batch_size: int
   grad_accum_steps: int
+  grad_accum_unroll: int         # k <= this: straight-line code; larger k: lax.scan
   train_text_encoder: bool
   prior_preservation: bool
   prior_loss_weight: float
   prediction_type: str
   optimizer: optax.GradientTransformation
+  lr_schedule: optax.Schedule    # the optimiser's own, for logging
   dpg: Any = None                # dpg_lib.DPG or None
 
 
 def make_step_spec(sd, config, dpg: 'dpg_lib.DPG | None' = None) -> StepSpec:
   pred_type = config.prediction_type or sd.prediction_type
-  if pred_type not in ('epsilon', 'v_prediction'):
+  if pred_type not in diffusion.PREDICTION_TYPES:
     raise ValueError(f"config key prediction_type={pred_type!r}: expected 'epsilon' or "
                      "'v_prediction' (or '' for the scheduler's).")
+  opt = optimizer_lib.make_optimizer(config)
   return StepSpec(
       sd=sd, alphas_cumprod=np.asarray(sd.alphas_cumprod()), batch_size=config.batch_size,
-      grad_accum_steps=config.grad_accum_steps, train_text_encoder=config.train_text_encoder,
+      grad_accum_steps=config.grad_accum_steps,
+      grad_accum_unroll=config.get('grad_accum_unroll', 8),
+      train_text_encoder=config.train_text_encoder,
       prior_preservation=config.prior_preservation, prior_loss_weight=config.prior_loss_weight,
-      prediction_type=pred_type, optimizer=make_optimizer(config),
-      dpg=dpg)
-
-
-def _noised(spec: StepSpec, mean, std, rng):
-  """x_0 ~ q(z|image) (scaled), eps, t ~ U{0..T-1}, x_t (Eq. before 4)."""
-  r_lat, r_eps, r_t = jax.random.split(rng, 3)
-  x0 = (mean + std * jax.random.normal(r_lat, mean.shape)) * spec.sd.scaling_factor
-  eps = jax.random.normal(r_eps, x0.shape)
-  t = jax.random.randint(r_t, (x0.shape[0],), 0, len(spec.alphas_cumprod))
-  abar = jnp.asarray(spec.alphas_cumprod)[t][:, None, None, None]
-  x_t = jnp.sqrt(abar) * x0 + jnp.sqrt(1.0 - abar) * eps
-  return x0, eps, t, x_t
-
-
-def _target(spec: StepSpec, x0, eps, t):
-  if spec.prediction_type == 'epsilon':
-    return eps
-  abar = jnp.asarray(spec.alphas_cumprod)[t][:, None, None, None]
-  return jnp.sqrt(abar) * eps - jnp.sqrt(1.0 - abar) * x0   # v-prediction
+      prediction_type=pred_type, optimizer=opt.tx, lr_schedule=opt.lr_schedule, dpg=dpg)
 
 
 def _mse(a, b):
@@ -128,8 +87,9 @@ def _micro_grads(spec: StepSpec, params, critic, frozen, micro, rng):
   if has_prior:
     mean = jnp.concatenate([mean, micro['class_mean']])
     std = jnp.concatenate([std, micro['class_std']])
-  x0, eps, t, x_t = _noised(spec, mean, std, rng)
-  target = _target(spec, x0, eps, t)
+  abar = jnp.asarray(spec.alphas_cumprod)
+  x0, eps, t, x_t = diffusion.training_example(rng, mean, std, abar, spec.sd.scaling_factor)
+  target = diffusion.target(spec.prediction_type, x0, eps, abar[t])
 
   def loss_fn(p):
     if spec.train_text_encoder:
@@ -159,31 +119,58 @@ def _micro_grads(spec: StepSpec, params, critic, frozen, micro, rng):
   return loss, terms, aux, grads
 
 
-def train_step(spec: StepSpec, state: TrainState, batch: dict, rng, frozen=None):
-  """One optimiser update (and, with DPG, one critic update). Pure."""
-  rng = jax.random.fold_in(rng, state.step)
+def micro_batch(batch, k: int, i: int):
+  """Micro-batch i of k: rows i, i+k, i+2k, ... of the [k*B, ...] step batch.
+
+  Strided, not contiguous: the batch is split over the `data` mesh axis in
+  contiguous blocks, so every micro-batch keeps rows on every data device.
+  """
+  return jax.tree.map(lambda x: x.reshape((-1, k) + x.shape[1:])[:, i], batch)
+
+
+def _accumulate(spec: StepSpec, state, frozen, batch, rngs):
+  """Mean loss, terms and grads over the k micro-batches; DPG aux concatenated.
+
+  One micro-batch runs as plain code. Inside any XLA loop (scan, while) the
+  XLA:CPU backend lowers the backward convolutions to slow generic loops: a
+  length-1 scan made the SD1.4-shape step ~11x slower. So up to
+  `grad_accum_unroll` micro-batches are unrolled (compile time grows with k,
+  run time does not); beyond that a scan keeps the program small.
+  """
   k = spec.grad_accum_steps
-  # [k*B, ...] -> [k, B, ...]: micro-batches scanned with summed gradients.
-  micro_batches = jax.tree.map(lambda x: x.reshape((k, -1) + x.shape[1:]), batch)
-  rngs = jax.random.split(rng, k + 1)
+  grads_of = lambda micro, r: _micro_grads(spec, state.params, state.critic, frozen, micro, r)
+  if k <= spec.grad_accum_unroll:
+    outs = [grads_of(batch if k == 1 else micro_batch(batch, k, i), rngs[i]) for i in range(k)]
+    if k == 1:
+      return outs[0]
+    loss, terms, _, grads = jax.tree.map(lambda *xs: sum(xs[1:], xs[0]) / k,
+                                         *[(o[0], o[1], None, o[3]) for o in outs])
+    aux = None if outs[0][2] is None else jax.tree.map(
+        lambda *xs: jnp.concatenate(xs), *[o[2] for o in outs])
+    return loss, terms, aux, grads
+
+  micro_batches = jax.tree.map(
+      lambda x: jnp.swapaxes(x.reshape((-1, k) + x.shape[1:]), 0, 1), batch)
 
   def body(carry, xs):
     micro, r = xs
-    loss, terms, aux, grads = _micro_grads(spec, state.params, state.critic, frozen, micro, r)
-    g_sum, l_sum, t_sum = carry
-    carry = (jax.tree.map(jnp.add, g_sum, grads), l_sum + loss,
-             jax.tree.map(jnp.add, t_sum, terms))
-    return carry, aux
+    loss, terms, aux, grads = grads_of(micro, r)
+    return jax.tree.map(jnp.add, carry, (loss, terms, grads)), aux
 
-  zeros_g = jax.tree.map(jnp.zeros_like, state.params)
-  _, terms_shape, _, _ = jax.eval_shape(
-      lambda m: _micro_grads(spec, state.params, state.critic, frozen, m, rngs[0]),
-      jax.tree.map(lambda x: x[0], micro_batches))
-  zeros_t = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), terms_shape)
-  (g_sum, l_sum, t_sum), auxs = jax.lax.scan(
-      body, (zeros_g, jnp.zeros(()), zeros_t), (micro_batches, rngs[:k]))
-  grads = jax.tree.map(lambda g: g / k, g_sum)
-  loss, terms = l_sum / k, jax.tree.map(lambda x: x / k, t_sum)
+  shapes = jax.eval_shape(grads_of, jax.tree.map(lambda x: x[0], micro_batches), rngs[0])
+  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (shapes[0], shapes[1], shapes[3]))
+  (loss, terms, grads), auxs = jax.lax.scan(body, zeros, (micro_batches, rngs[:k]))
+  loss, terms, grads = jax.tree.map(lambda x: x / k, (loss, terms, grads))
+  # [k, B, ...] -> [k*B, ...] in micro-batch order, as the unrolled path.
+  aux = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), auxs)
+  return loss, terms, aux, grads
+
+
+def train_step(spec: StepSpec, state: TrainState, batch: dict, rng, frozen=None):
+  """One optimiser update (and, with DPG, one critic update). Pure."""
+  rng = jax.random.fold_in(rng, state.step)
+  rngs = jax.random.split(rng, spec.grad_accum_steps + 1)
+  loss, terms, aux, grads = _accumulate(spec, state, frozen, batch, rngs)
 
   updates, opt_state = spec.optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
@@ -196,7 +183,7 @@ def train_step(spec: StepSpec, state: TrainState, batch: dict, rng, frozen=None)
   if spec.dpg is not None:
     # Critic step after the policy step (as the authors), on the detached
     # quantities of the same forward pass: the two updates never share grads.
-    critic, critic_metrics = spec.dpg.critic_update(critic, frozen, auxs, rngs[k])
+    critic, critic_metrics = spec.dpg.critic_update(critic, frozen, aux, rngs[-1])
     metrics.update(critic_metrics)
   metrics['finite'] = (jnp.isfinite(loss) & jnp.isfinite(metrics['grad_norm'])
                        & (metrics.get('dpg/critic_nonfinite', 0.0) == 0))
@@ -230,6 +217,37 @@ def create_sharded_state(spec: StepSpec, trainable, rng, mesh, param_sharding='r
                            trainable, shardings.params)
   state = jax.jit(functools.partial(init_state, spec), out_shardings=shardings)(trainable, rng)
   return state, shardings
+
+
+def trainable_params(params, config) -> dict:
+  """The components the policy update trains (the rest stays frozen)."""
+  names = ('unet', 'text_encoder') if config.train_text_encoder else ('unet',)
+  return {n: params[n] for n in names}
+
+
+def conditioning_rows(sd, text_encoder_params, config, ids) -> dict:
+  """The step batch's prompt part, one row per example of the [k*B] batch.
+
+  ids: token ids [1 or 2, L] of the instance (and class) prompt. A trained text
+  encoder gets ids (it runs inside the step); a frozen one is run once here and
+  the step gets its embeddings.
+  """
+  gb = config.batch_size * config.grad_accum_steps
+  names = ('instance', 'class')[:2 if config.prior_preservation else 1]
+  ids = np.asarray(ids)[:len(names)]
+  if config.train_text_encoder:
+    rows, kind = ids, 'ids'
+  else:
+    rows, kind = np.asarray(jax.jit(sd.encode_text)(text_encoder_params, ids)), 'context'
+  return {f'{n}_{kind}': np.repeat(rows[i:i + 1], gb, 0) for i, n in enumerate(names)}
+
+
+def host_batch(latents, conditioning: dict, *, step: int, config) -> dict:
+  """The full host batch of one step: latents of `step` plus conditioning."""
+  gb = config.batch_size * config.grad_accum_steps
+  batch = data_lib.sample_batch(latents, step=step, seed=config.seed, batch_size=gb)
+  batch.update(conditioning)
+  return batch
 
 
 # --------------------------------------------------------------------------- #
@@ -272,7 +290,7 @@ def validate_config(config) -> None:
   if n_inst != 1:
     raise ValueError('exactly one of config keys data.instance_dir, data.subject, '
                      f'data.synthetic must be set (got {n_inst}).')
-  make_lr_schedule(config)  # raises naming lr_schedule if unknown
+  optimizer_lib.make_optimizer(config)  # raises naming a bad optimiser key
   if config.dpg.enabled:
     dpg_lib.validate_config(config)
 
@@ -294,7 +312,8 @@ def load_model(config, workdir: str):
   path = resolve_pretrained(config, workdir)
   return models.load_stable_diffusion(
       path, revision=config.model.revision, weights_format=config.model.weights_format,
-      dtype=config.model.dtype, remat=config.model.remat, attention=config.model.attention)
+      dtype=config.model.dtype, remat=config.model.remat, attention=config.model.attention,
+      remat_policy=config.model.remat_policy)
 
 
 def load_instance_images(config, workdir: str):
@@ -475,7 +494,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
               f'already diverging may diverge again from it).'
               + (' ' + spec.dpg.divergence_hint() if spec.dpg else ''))
         scalars = {k: v for k, v in m.items() if k != 'finite'}
-        scalars['lr'] = make_lr_schedule(config)(step - 1)
+        scalars['lr'] = spec.lr_schedule(step - 1)
         if np.isfinite(chrono.steps_per_sec()):  # undefined until a step after the compile
           scalars['steps_per_sec'] = chrono.steps_per_sec()
         writer.scalars(step, scalars)

@@ -22,6 +22,7 @@ import pytest
 from configs import tiny_dpg
 from dpg_jax import checkpoint as ckpt_lib
 from dpg_jax import critic as critic_lib
+from dpg_jax import diffusion
 from dpg_jax import dpg as dpg_lib
 from dpg_jax import rewards as rewards_lib
 from dpg_jax import train
@@ -152,7 +153,8 @@ class _Setup:
     if 'class_mean' in self.batch:
       mean = np.concatenate([mean, self.batch['class_mean']])
       std = np.concatenate([std, self.batch['class_std']])
-    return train._noised(self.spec, mean, std, rngs[0])  # pylint: disable=protected-access
+    return diffusion.training_example(rngs[0], mean, std, self.spec.alphas_cumprod,
+                                      self.sd.scaling_factor)
 
   def context(self):
     ctx = self.batch['instance_context']
@@ -192,7 +194,7 @@ def test_policy_loss_is_discounted_critic_value_and_eq8_holds(no_prior):
           critic, eps_hat)
   # Eq. 7 (x0_hat) and Eq. 8 (its squared error is a rescaled eps error).
   x0_hat = np.asarray(aux['x0_hat'])
-  np.testing.assert_allclose(x0_hat, rewards_lib.predict_x0(x_t, eps_hat, a.astype(np.float32)),
+  np.testing.assert_allclose(x0_hat, diffusion.predict_x0(x_t, eps_hat, a.astype(np.float32)),
                              rtol=1e-5, atol=1e-5)
   lhs = np.sum(np.square(x0_hat.astype(np.float64) - x0), axis=(1, 2, 3))
   rhs = (1 - a) / a * np.sum(np.square(eps_hat.astype(np.float64) - eps), axis=(1, 2, 3))
@@ -270,7 +272,7 @@ def _critic_by_hand(s, unet_params, state):
   n = _BATCH
   pred = s.sd.predict(unet_params, x_t, t, s.context())[:n]
   abar = jnp.asarray(s.spec.alphas_cumprod)[t[:n]]
-  x0_hat = rewards_lib.predict_x0(x_t[:n], pred, abar)
+  x0_hat = diffusion.predict_x0(x_t[:n], pred, abar)
   inputs = jnp.square(x0[:n] - x0_hat)
   target = jnp.mean(inputs.reshape(n, -1), axis=-1)     # the look-forward cost
   new, _ = critic_lib.critic_update(state.critic['look_forward'], inputs, target)
