@@ -12,8 +12,11 @@ XLA's cost analysis of the compiled step (analytic, per step, all devices).
 """
 import copy
 import json
+import os
 import resource
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -32,6 +35,13 @@ _STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps (after one warm-up).')
 _VARIANTS = flags.DEFINE_list('variants', ['dreambooth'],
                               'Any of: dreambooth, dpg (look-forward), dpg_dino.')
 _JSON = flags.DEFINE_string('json_out', '', 'Also write the rows here as JSON.')
+_PEER = flags.DEFINE_string(
+    'peer_python', '', 'Python of a separate venv with torch, diffusers and transformers: also '
+    'time an independent PyTorch step of the same shapes (dpg_jax/bench_peer_torch.py) and '
+    'print the ratio. Empty: ours only.')
+_ISOLATE = flags.DEFINE_boolean(
+    'isolate', None, 'Measure each variant in a fresh process (its own peak RSS); default: on '
+    'for --shapes=sd14, where variants cannot share memory anyway.')
 
 SD14_UNET = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
                  block_out_channels=(320, 640, 1280, 1280), attention_head_dim=8,
@@ -55,28 +65,52 @@ class _Tok:
   model_max_length = 77
 
 
-def sd14_random(dtype: str, remat: bool, attention: str):
-  """SD1.4-shaped modules and random params, never touching the network."""
+def sd14_random(dtype: str, remat: bool, attention: str, remat_policy='nothing_saveable', *,
+                abstract: bool = False):
+  """SD1.4-shaped modules and random params, never touching the network.
+
+  abstract=True: the modules only, params as shapes (nothing allocated).
+  """
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from diffusers import FlaxAutoencoderKL  # pylint: disable=g-import-not-at-top
   from transformers import CLIPTextConfig, FlaxCLIPTextModel  # pylint: disable=g-import-not-at-top
   from dpg_jax import models  # pylint: disable=g-import-not-at-top
   jdt = jnp.bfloat16 if dtype == 'bfloat16' else jnp.float32
-  unet = models.make_unet(SD14_UNET, dtype=jdt, remat=remat, attention=attention)
+  unet = models.make_unet(SD14_UNET, dtype=jdt, remat=remat, attention=attention,
+                          remat_policy=remat_policy)
   vae = FlaxAutoencoderKL(**SD14_VAE, dtype=jdt)
   te = FlaxCLIPTextModel(CLIPTextConfig(**SD14_TEXT), dtype=jdt, _do_init=False)
   key = jax.random.PRNGKey(0)
+  init = jax.eval_shape if abstract else lambda f, k: jax.jit(f)(k)
   params = {
-      'unet': jax.jit(unet.init_weights)(key),
-      'vae': jax.jit(vae.init_weights)(key),
-      'text_encoder': jax.jit(lambda k: te.module.init(
+      'unet': init(unet.init_weights, key),
+      'vae': init(vae.init_weights, key),
+      'text_encoder': init(lambda k: te.module.init(
           k, jnp.zeros((1, 77), jnp.int32), jnp.ones((1, 77), jnp.int32),
-          jnp.arange(77)[None])['params'])(key),
+          jnp.arange(77)[None])['params'], key),
   }
   sd = models.StableDiffusion(unet=unet, vae=vae, text_encoder=te, tokenizer=_Tok(),
-                              scheduler_config=dict(SD14_SCHEDULER), source='sd14-random')
+                              scheduler_config=dict(SD14_SCHEDULER), source='sd14-random',
+                              dtype=dtype, remat=remat, attention=attention,
+                              remat_policy=remat_policy)
   return sd, params
+
+
+def peak_rss_bytes() -> int:
+  """This process's peak resident memory.
+
+  VmHWM, not ru_maxrss: Linux carries ru_maxrss across fork+exec, so a child
+  started from a big process would report its parent's peak.
+  """
+  try:
+    with open('/proc/self/status') as f:
+      for line in f:
+        if line.startswith('VmHWM:'):
+          return int(line.split()[1]) * 1024
+  except OSError:
+    pass
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _peak_memory_bytes():
@@ -84,23 +118,35 @@ def _peak_memory_bytes():
   stats = jax.devices()[0].memory_stats() or {}
   if 'peak_bytes_in_use' in stats:
     return int(stats['peak_bytes_in_use']), 'device'
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, 'process RSS'
+  return peak_rss_bytes(), 'process RSS'
+
+
+VARIANTS = ('dreambooth', 'dpg', 'dpg_dino')
 
 
 def apply_variant(config, variant: str):
+  """The config of one variant; a '_scan' suffix forces the micro-batch scan.
+
+  'dreambooth_scan' vs 'dreambooth' is the regression row of the step's loop
+  construct: the same work inside vs outside a lax.scan.
+  """
   c = copy.deepcopy(config)
+  base = variant[:-len('_scan')] if variant.endswith('_scan') else variant
   with c.unlocked():
-    if variant == 'dreambooth':
+    if variant != base:
+      c.grad_accum_unroll = 0
+    if base == 'dreambooth':
       c.dpg.enabled = False
-    elif variant == 'dpg':
+    elif base == 'dpg':
       c.dpg.enabled = True
       c.dpg.rewards = 'look_forward:1.0'
-    elif variant == 'dpg_dino':
+    elif base == 'dpg_dino':
       c.dpg.enabled = True
       c.dpg.rewards = 'dino:1.0'
       c.dpg.tiny_encoders = c.dpg.tiny_encoders or bool(c.model.tiny)
     else:
-      raise ValueError(f'--variants: unknown {variant!r}; expected dreambooth, dpg, dpg_dino.')
+      raise ValueError(f'--variants: unknown {variant!r}; expected one of {VARIANTS}, '
+                       "each optionally with '_scan'.")
   return c
 
 
@@ -132,25 +178,18 @@ def bench_variant(config, sd, params, workdir, sd14: bool = False):
   n_img = max(4, config.batch_size)
   latents = data_lib.SubjectLatents(lat(n_img), np.abs(lat(n_img)) * 0.1,
                                     lat(n_img), np.abs(lat(n_img)) * 0.1)
-  gb = config.batch_size * config.grad_accum_steps
-  ids = rs.randint(0, 1000, size=(1, sd.max_length)).astype(np.int32)
-  trainable = {'unet': params['unet']}
-  if config.train_text_encoder:
-    trainable['text_encoder'] = params['text_encoder']
-    prompts = {'instance_ids': np.repeat(ids, gb, 0), 'class_ids': np.repeat(ids, gb, 0)}
-  else:
-    ctx = np.asarray(jax.jit(sd.encode_text)(params['text_encoder'], ids))
-    prompts = {'instance_context': np.repeat(ctx, gb, 0), 'class_context': np.repeat(ctx, gb, 0)}
+  # Random token ids: the SD1.4-shape model has no tokenizer (and needs none).
+  vocab = min(1000, sd.text_encoder.config.vocab_size)
+  ids = rs.randint(0, vocab, size=(2, sd.max_length)).astype(np.int32)
+  conditioning = train.conditioning_rows(sd, params['text_encoder'], config, ids)
   rng = jax.random.PRNGKey(0)
-  state, state_sh = train.create_sharded_state(spec, trainable, rng, mesh,
-                                               config.mesh.param_sharding)
-  if sd14:
-    # The state holds its own copy; at SD size a second one (4 GB) decides
-    # whether the step fits in host memory.
-    del trainable
-    params.pop('unet')
-    if config.train_text_encoder:
-      params.pop('text_encoder')
+  state, state_sh = train.create_sharded_state(spec, train.trainable_params(params, config),
+                                               rng, mesh, config.mesh.param_sharding,
+                                               donate_trainable=True)
+  # The state now holds the trainable weights (no copy); drop every other
+  # reference, as a real run does, so peak memory is the run's.
+  for name in train.trainable_params(params, config):
+    params.pop(name)
   frozen, frozen_sh = None, None
   if dpg is not None:
     frozen = dpg.frozen_inputs(params)
@@ -160,9 +199,8 @@ def bench_variant(config, sd, params, workdir, sd14: bool = False):
   step_fn = train.compile_train_step(spec, mesh, state_sh, frozen_sh)
 
   def batch(i):
-    b = data_lib.sample_batch(latents, step=i, seed=0, batch_size=gb)
-    b.update(prompts)
-    return sharding.put_batch(b, mesh)
+    return sharding.put_batch(train.host_batch(latents, conditioning, step=i, config=config),
+                              mesh)
 
   t0 = time.perf_counter()
   compiled = step_fn.lower(state, batch(0), rng, frozen).compile()
@@ -181,7 +219,8 @@ def bench_variant(config, sd, params, workdir, sd14: bool = False):
     return time.perf_counter() - t
 
   run_step(0)   # warm-up
-  images = gb * (2 if config.prior_preservation else 1)
+  images = config.batch_size * config.grad_accum_steps * (
+      2 if config.prior_preservation else 1)
 
   def summary(times) -> dict:
     med = statistics.median(times)
@@ -216,49 +255,137 @@ def measure(variants, make, steps: int, interleave: bool) -> list[dict]:
   return rows
 
 
+def peer_spec(config, sd, variant: str, steps: int) -> dict:
+  """What bench_peer_torch.py needs to run the same step in PyTorch."""
+  te = sd.text_encoder.config
+  return {
+      'unet': {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(sd.unet.config).items()
+               if k in _PEER_UNET_KEYS},
+      'text_encoder': {k: getattr(te, k) for k in _PEER_TEXT_KEYS},
+      'latent_hw': config.data.resolution // sd.vae_scale,
+      'batch_size': config.batch_size * config.grad_accum_steps,
+      'prior_preservation': bool(config.prior_preservation),
+      'train_text_encoder': bool(config.train_text_encoder),
+      'variant': 'dpg' if variant.startswith('dpg') else 'dreambooth',
+      'steps': steps, 'learning_rate': config.learning_rate,
+      'max_grad_norm': config.max_grad_norm, 'gamma': config.dpg.gamma,
+  }
+
+
+_PEER_UNET_KEYS = ('sample_size', 'in_channels', 'out_channels', 'layers_per_block',
+                   'block_out_channels', 'attention_head_dim', 'cross_attention_dim',
+                   'down_block_types', 'up_block_types', 'flip_sin_to_cos', 'freq_shift')
+_PEER_TEXT_KEYS = ('vocab_size', 'hidden_size', 'intermediate_size', 'num_hidden_layers',
+                   'num_attention_heads', 'max_position_embeddings', 'hidden_act')
+
+
+def run_peer(peer_python: str, spec: dict) -> dict:
+  """Runs bench_peer_torch.py in the peer's own Python; its JSON result."""
+  with tempfile.TemporaryDirectory() as tmp:
+    spec_path, out_path = os.path.join(tmp, 'spec.json'), os.path.join(tmp, 'out.json')
+    with open(spec_path, 'w') as f:
+      json.dump(spec, f)
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'bench_peer_torch.py')
+    proc = subprocess.run([peer_python, script, spec_path, out_path], capture_output=True,
+                          text=True, check=False)
+    if proc.returncode != 0:
+      tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+      return {'error': f'peer exited {proc.returncode}: ' + ' | '.join(tail)}
+    with open(out_path) as f:
+      return json.load(f)
+
+
+def _isolated(variant: str, steps: int) -> dict:
+  """One variant measured in a fresh process: its own peak RSS and compile."""
+  with tempfile.TemporaryDirectory() as tmp:
+    out = os.path.join(tmp, 'row.json')
+    argv = [a for a in sys.argv[1:] if not a.startswith(('--variants', '--json_out', '--peer',
+                                                         '--isolate'))]
+    cmd = [sys.executable, '-m', 'dpg_jax.bench', *argv, f'--variants={variant}',
+           f'--json_out={out}', '--noisolate', f'--steps={steps}']
+    proc = subprocess.run(cmd, check=False)
+    if proc.returncode != 0:
+      return {'variant': variant, 'error': f'exited {proc.returncode} (killed for memory?)'}
+    with open(out) as f:
+      return json.load(f)['rows'][0]
+
+
+def _fmt(v) -> str:
+  return v if isinstance(v, str) else f'{v:.4g}'
+
+
+def print_table(rows, keys) -> None:
+  print('| ' + ' | '.join(keys) + ' |')
+  print('|' + '---|' * len(keys))
+  for r in rows:
+    print('| ' + ' | '.join(_fmt(r.get(k, '-')) for k in keys) + ' |')
+
+
 def main(argv):
   del argv
   cli.quiet_logging()
   import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from dpg_jax import sharding  # pylint: disable=g-import-not-at-top
   from dpg_jax import train  # pylint: disable=g-import-not-at-top
   config = flags.FLAGS.config
-  sharding.setup_runtime(config)
-  workdir = tempfile.mkdtemp(prefix='dpg_bench_')
-  sd = params = None
-  if _SHAPES.value == 'sd14':
+  sd14 = _SHAPES.value == 'sd14'
+  if sd14:
     with config.unlocked():
       config.data.resolution = config.data.resolution or 512
+  for v in _VARIANTS.value:
+    apply_variant(config, v)   # a bad variant name fails before any build
+  isolate = _ISOLATE.value if _ISOLATE.value is not None else sd14
+  if isolate and len(_VARIANTS.value) > 1:
+    rows = [_isolated(v, _STEPS.value) for v in _VARIANTS.value]
   else:
-    sd, params = train.load_model(config, workdir)
-  sd14 = _SHAPES.value == 'sd14'
+    sharding.setup_runtime(config)
+    workdir = tempfile.mkdtemp(prefix='dpg_bench_')
+    sd = params = None
+    if not sd14:
+      sd, params = train.load_model(config, workdir)
 
-  def make(v):
-    if sd14:   # fresh random weights per variant: bench_variant frees its copy
-      sd_v, params_v = sd14_random(config.model.dtype, config.model.remat,
-                                   config.model.attention)
-    else:
-      sd_v, params_v = sd, dict(params)
-    return bench_variant(apply_variant(config, v), sd_v, params_v, workdir, sd14=sd14)
+    def make(v):
+      if sd14:   # fresh random weights per variant: bench_variant frees its copy
+        sd_v, params_v = sd14_random(config.model.dtype, config.model.remat,
+                                     config.model.attention, config.model.remat_policy)
+      else:
+        sd_v, params_v = sd, jax.tree.map(jnp.copy, params)  # each variant donates its own
+      return bench_variant(apply_variant(config, v), sd_v, params_v, workdir, sd14=sd14)
 
-  rows = measure(_VARIANTS.value, make, _STEPS.value, interleave=not sd14)
-  for r in rows:
-    r['step_ratio_vs_first'] = r['s_per_step'] / rows[0]['s_per_step']
+    rows = measure(_VARIANTS.value, make, _STEPS.value, interleave=not sd14)
+  ok = [r for r in rows if 'error' not in r]
+  for r in ok:
+    r['step_ratio_vs_first'] = r['s_per_step'] / ok[0]['s_per_step']
   dev = jax.devices()[0]
-  print(f'\ndevice: {dev.platform} {getattr(dev, "device_kind", "")} x{jax.device_count()}  '
-        f'shapes={_SHAPES.value} res={config.data.resolution} batch={config.batch_size}+'
-        f'{config.batch_size if config.prior_preservation else 0} dtype={config.model.dtype} '
-        f'text_encoder_trained={config.train_text_encoder}')
-  hdr = ('variant', 'compile_s', 's_per_step', 'images_per_s', 'peak_mem_gib', 'gflop_per_step',
-         'tflop_per_s', 'step_ratio_vs_first')
-  print('| ' + ' | '.join(hdr) + ' |')
-  print('|' + '---|' * len(hdr))
-  for r in rows:
-    print('| ' + ' | '.join(str(r[h]) if isinstance(r[h], str) else f'{r[h]:.4g}'
-                            for h in hdr) + ' |')
+  header = (f'device: {dev.platform} {getattr(dev, "device_kind", "")} x{jax.device_count()}  '
+            f'shapes={_SHAPES.value} res={config.data.resolution} batch={config.batch_size}+'
+            f'{config.batch_size if config.prior_preservation else 0} '
+            f'accum={config.grad_accum_steps} dtype={config.model.dtype} '
+            f'text_encoder_trained={config.train_text_encoder} remat={config.model.remat} '
+            f'attention={config.model.attention} opt_state={config.optimizer_state_dtype}')
+  print('\n' + header)
+  print_table(rows, ('variant', 'compile_s', 's_per_step', 'images_per_s', 'peak_mem_gib',
+                     'gflop_per_step', 'tflop_per_s', 'step_ratio_vs_first', 'error'))
+  peers = []
+  if _PEER.value:
+    sd_shapes = sd14_random(config.model.dtype, False, 'standard', abstract=True)[0] if sd14 \
+        else train.load_model(config, tempfile.mkdtemp(prefix='dpg_bench_'))[0]
+    for r in ok:
+      p = run_peer(_PEER.value, peer_spec(apply_variant(config, r['variant']), sd_shapes,
+                                          r['variant'], _STEPS.value))
+      peers.append({'variant': r['variant'], 'ours_s_per_step': r['s_per_step'],
+                    'peer_s_per_step': p.get('s_per_step', float('nan')),
+                    'ratio_ours_over_peer': r['s_per_step'] / p.get('s_per_step', float('nan')),
+                    'ours_peak_gib': r['peak_mem_gib'],
+                    'peer_peak_gib': p.get('peak_rss_gib', float('nan')),
+                    'peer': f"torch {p.get('torch', '?')}" if 'error' not in p else p['error']})
+    print(f'\nvs an independent PyTorch step ({_PEER.value}), same shapes and work:')
+    print_table(peers, ('variant', 'ours_s_per_step', 'peer_s_per_step', 'ratio_ours_over_peer',
+                        'ours_peak_gib', 'peer_peak_gib', 'peer'))
   if _JSON.value:
     with open(_JSON.value, 'w') as f:
-      json.dump(rows, f, indent=1)
+      json.dump({'header': header, 'rows': rows, 'peer': peers}, f, indent=1)
 
 
 if __name__ == '__main__':

@@ -127,6 +127,17 @@ def put_global(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
   return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
 
 
+def place(x, sharding: NamedSharding, *, donate: bool = False) -> jax.Array:
+  """put_global, but an array already on this process's devices stays there.
+
+  donate=True hands x's buffers over (no copy where the layout matches; x is
+  unusable afterwards); otherwise the result is an on-device copy.
+  """
+  if isinstance(x, jax.Array) and jax.process_count() == 1:
+    return jax.device_put(x, sharding, donate=donate, may_alias=None if donate else False)
+  return put_global(x, sharding)
+
+
 def put_batch(batch: dict, mesh: Mesh) -> dict:
   """Shard a global host batch over 'data' along its leading axis."""
   sharding = batch_sharded(mesh)
