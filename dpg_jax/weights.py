@@ -52,30 +52,36 @@ _TORCH_DTYPES = {
 # Reading.
 # ---------------------------------------------------------------------------
 class SafetensorsStateDict(Mapping):
-  """{name: np.ndarray} of .safetensors files, read lazily from a memory map.
+  """{name: np.ndarray} of .safetensors files, read lazily, one tensor at a time.
 
-  Each tensor is copied out of the map only when looked up, so converting a
-  checkpoint holds its converted copy plus one source tensor, not a second
-  full copy of the file (the safetensors library handles bf16/fp8 too).
+  A lookup maps the file (safetensors.safe_open), copies that one tensor out
+  and unmaps it again: converting a checkpoint then holds its converted copy
+  plus one source tensor, not the file's pages as well (mapped pages count in
+  the process's RSS for as long as the map lives). Re-opening re-parses the
+  header, ~2 ms per tensor at SD size. The safetensors library handles bf16
+  and fp8 too.
   """
 
   def __init__(self, paths: Sequence[str]):
-    self._handles, self._where = [], {}
+    self._where = {}
     for path in paths:
-      try:
-        handle = safetensors.safe_open(path, framework='numpy')
-        names = list(handle.keys())
-      except (safetensors.SafetensorError, OSError) as e:
-        raise _corrupt(path, 'safetensors', e) from e
-      self._handles.append((path, handle))
-      self._where.update((name, len(self._handles) - 1) for name in names)
+      with self._open(path) as handle:
+        self._where.update((name, path) for name in handle.keys())
+
+  @staticmethod
+  def _open(path):
+    try:
+      return safetensors.safe_open(path, framework='numpy')
+    except (safetensors.SafetensorError, OSError) as e:
+      raise _corrupt(path, 'safetensors', e) from e
 
   def __getitem__(self, name):
-    path, handle = self._handles[self._where[name]]
-    try:
-      return handle.get_tensor(name)
-    except (safetensors.SafetensorError, OSError, ValueError) as e:
-      raise _corrupt(path, 'safetensors', e) from e
+    path = self._where[name]
+    with self._open(path) as handle:
+      try:
+        return handle.get_tensor(name)
+      except (safetensors.SafetensorError, OSError, ValueError) as e:
+        raise _corrupt(path, 'safetensors', e) from e
 
   def __iter__(self):
     return iter(self._where)
@@ -392,13 +398,17 @@ def convert_pt_to_flax(pt_state: Mapping[str, np.ndarray], shapes, library: str 
   return traverse_util.unflatten_dict(out)
 
 
-# diffusers' PyTorch list submodules; Flax names them '<attr>_<i>'. A fixed list
-# because PyTorch also has plain names ending in digits (time_embedding.linear_1).
-_PT_LIST_ATTRS = ('down_blocks', 'up_blocks', 'resnets', 'attentions', 'transformer_blocks',
-                  'downsamplers', 'upsamplers', 'net', 'to_out')
-_PT_LIST_RE = re.compile(rf'^({"|".join(_PT_LIST_ATTRS)})_(\d+)$')
+# Flax names list submodules '<attr>_<i>' (down_blocks_0); these PyTorch
+# attributes end in digits themselves (TimestepEmbedding) and stay as they are.
+_PT_DIGIT_NAMES = ('linear_1', 'linear_2')
 # The Flax VAE attention's names vs diffusers' PyTorch Attention.
 _FLAX_ATTN_TO_PT = {'query': 'to_q', 'key': 'to_k', 'value': 'to_v', 'proj_attn': 'to_out.0'}
+
+
+def _pt_module_name(name):
+  if name in _PT_DIGIT_NAMES:
+    return name
+  return re.sub(r'^(\w+?)_(\d+)$', r'\1.\2', name)
 
 
 def _to_pt_layout(x):
@@ -429,7 +439,7 @@ def convert_flax_to_pt(params, library: str = 'diffusers',
     if library == 'diffusers':
       if mod and mod[-1] in _FLAX_ATTN_TO_PT:
         mod[-1] = _FLAX_ATTN_TO_PT[mod[-1]]
-      mod = [_PT_LIST_RE.sub(r'\1.\2', m) for m in mod]
+      mod = [_pt_module_name(m) for m in mod]
     x = np.asarray(x)
     if leaf == 'kernel':
       x, leaf = _to_pt_layout(x), 'weight'
