@@ -33,12 +33,10 @@ _FLAX_ONLY_KEYS = ('use_memory_efficient_attention', 'split_head_dim', 'dtype')
 
 
 def check_config(config):
-  """Raises a one-line ValueError for bad export keys (before any model load)."""
+  """Raises a one-line ValueError for a bad export_format (before any model load)."""
   if config.export_format not in EXPORT_FORMATS:
     raise ValueError(f'config key export_format={config.export_format!r}: expected one of '
                      f'{EXPORT_FORMATS}.')
-  if not isinstance(config.export_fp16, bool):
-    raise ValueError(f'config key export_fp16={config.export_fp16!r}: expected True or False.')
 
 
 def _torch_config(module_config, class_name) -> dict:

@@ -14,6 +14,7 @@ import safetensors.numpy
 from configs import default as default_config
 from dpg_jax import export
 from dpg_jax import models
+from dpg_jax import sample
 from dpg_jax import sampling
 from dpg_jax import tiny
 from dpg_jax import weights
@@ -280,6 +281,9 @@ def test_export_pipeline_formats(tmp_path, tiny_sd):
     export.export_pipeline(tmp_path / 'x', sd, params, export_format='onnx')
   config = default_config.get_config()
   export.check_config(config)
+  # --mode=sample finds a torch-only export of a workdir.
+  _, loaded = sample.load_trained(str(tmp_path / 'torch'), config)
+  assert _equal_trees(loaded, params)
   config.export_format = 'pytorch'
   with pytest.raises(ValueError, match=r"config key export_format='pytorch'"):
     export.check_config(config)
