@@ -8,6 +8,7 @@
 * `flax_shapes(init_fn, *args)`: the parameter shapes of a module, no compute.
 * `convert_pt_to_flax(pt_state, shapes, ...)`: rename/transpose PyTorch tensors
   into a nested dict of float32 arrays with exactly the structure of `shapes`.
+* `convert_flax_to_pt(params, ...)`: the inverse, for PyTorch exports.
 """
 import collections
 import json
@@ -95,11 +96,6 @@ def _corrupt(path, kind, exc) -> ValueError:
   detail = ' '.join(str(exc).split()) or type(exc).__name__
   return ValueError(f'{path}: truncated or corrupt {kind} file ({detail}); '
                     're-download or re-export it.')
-
-
-def read_safetensors(path) -> dict[str, np.ndarray]:
-  """Reads a whole .safetensors file into numpy (incl. bf16/fp8)."""
-  return dict(SafetensorsStateDict([os.fspath(path)]))
 
 
 class _Storage:
