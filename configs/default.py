@@ -115,7 +115,9 @@ def get_config():
   c.checkpoint_every = 250
   c.max_to_keep = 2
   c.sample_every = 500             # 0 = only at the end; sample.prompts=() = never
-  c.export = True                  # export the fine-tuned pipeline to <workdir>/export
+  c.export = True                  # export the fine-tuned pipeline at the end of training:
+  c.export_format = 'both'         # flax: <workdir>/export | torch: <workdir>/export_torch | both
+  c.export_fp16 = False            # torch export: also write diffusers variant='fp16' weights
 
   # --- Devices ----------------------------------------------------------------
   c.mesh = ml_collections.ConfigDict()

@@ -142,7 +142,8 @@ _CONFIG_FILES = {'unet': 'config.json', 'vae': 'config.json', 'text_encoder': 'c
 _HUB_ID = re.compile(r'[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*')
 
 MODEL_INDEX = {
-    # PyTorch-style names as in SD1.4; diffusers' Flax loader prepends 'Flax'.
+    # PyTorch-style names as in SD1.4 (the tiny SD, PyTorch exports); diffusers'
+    # Flax loader prepends 'Flax'. Exports name their own scheduler class.
     '_class_name': 'StableDiffusionPipeline',
     'feature_extractor': [None, None],
     'safety_checker': [None, None],
@@ -152,6 +153,19 @@ MODEL_INDEX = {
     'unet': ['diffusers', 'UNet2DConditionModel'],
     'vae': ['diffusers', 'AutoencoderKL'],
 }
+# Flax exports name the Flax classes, as diffusers' own Flax save_pretrained
+# does: with PyTorch names, FlaxStableDiffusionPipeline.from_pretrained checks
+# a `scheduler=` override against the PyTorch class and refuses any Flax one.
+FLAX_MODEL_INDEX = dict(
+    MODEL_INDEX, _class_name='FlaxStableDiffusionPipeline',
+    scheduler=['diffusers', 'FlaxDDIMScheduler'],
+    text_encoder=['transformers', 'FlaxCLIPTextModel'],
+    unet=['diffusers', 'FlaxUNet2DConditionModel'], vae=['diffusers', 'FlaxAutoencoderKL'])
+
+# The scheduler config keys an export keeps from the model's: the training
+# noise schedule and the prediction target.
+_SCHEDULE_KEYS = ('num_train_timesteps', 'beta_start', 'beta_end', 'beta_schedule',
+                  'trained_betas', 'prediction_type', 'steps_offset')
 
 
 class _DropFlaxDeprecation(logging.Filter):
@@ -357,7 +371,13 @@ def _load_params(pretrained, path, fmt, shapes, library):
   """fp32 params tree read from `path`, shaped exactly like `shapes`."""
   if fmt == 'flax':
     with open(path, 'rb') as f:
-      tree = flax.serialization.msgpack_restore(f.read())
+      data = f.read()
+    try:
+      tree = flax.serialization.msgpack_restore(data)
+    except ValueError as e:  # msgpack's errors (incomplete input, extra data) are ValueErrors.
+      raise _fail(pretrained, f'{path}: truncated or corrupt Flax msgpack file '
+                  f'({" ".join(str(e).split())}); re-download or re-export it.', ValueError) from e
+    del data
     flat = _check_tree(pretrained, path, tree, shapes)
     tree = traverse_util.unflatten_dict(
         {k: np.asarray(v, np.float32) for k, v in flat.items()})
@@ -452,42 +472,31 @@ def load_stable_diffusion(pretrained, *, revision='', weights_format='auto', dty
   return sd, params
 
 
-def save_pipeline(out_dir, sd: StableDiffusion, params) -> str:
-  """Writes (sd, params) in diffusers layout with Flax msgpack weights.
+def export_scheduler_config(scheduler_config: dict) -> dict:
+  """The DDIM scheduler config an export ships, on the model's training schedule.
 
-  Loadable by `load_stable_diffusion` and by
-  `diffusers.FlaxStableDiffusionPipeline.from_pretrained(out_dir,
-  safety_checker=None, feature_extractor=None)`. Written to a temporary sibling and renamed into
-  place; an existing `out_dir` is replaced. Returns `out_dir`.
+  DDIM because diffusers' Flax pipeline runs exactly `num_inference_steps`
+  scheduler steps: the pinned diffusers' Flax DDPM step crashes on current jax,
+  and PNDM (PLMS) has num_inference_steps + 1 timesteps, so the Flax pipeline
+  would stop one step short. PyTorch's DDIMScheduler reads the same config.
   """
-  from diffusers import FlaxAutoencoderKL, FlaxUNet2DConditionModel  # pylint: disable=g-import-not-at-top
-  from transformers import FlaxCLIPTextModel  # pylint: disable=g-import-not-at-top
+  keys = _SCHEDULE_KEYS + ('clip_sample', 'set_alpha_to_one')
+  return dict({k: scheduler_config[k] for k in keys if k in scheduler_config},
+              _class_name='DDIMScheduler')
 
-  quiet_diffusers()
+
+def replace_dir(out_dir, write_fn) -> str:
+  """write_fn(tmp_dir) into a temporary sibling, then rename it to `out_dir`.
+
+  Readers never see a half-written directory; an existing `out_dir` is
+  replaced. Returns the absolute `out_dir`.
+  """
   out_dir = os.path.abspath(os.fspath(out_dir))
   parent = os.path.dirname(out_dir)
   os.makedirs(parent, exist_ok=True)
-  host = lambda tree: jax.tree.map(lambda x: np.asarray(jax.device_get(x), np.float32), tree)
   tmp = tempfile.mkdtemp(prefix='.' + os.path.basename(out_dir) + '.tmp-', dir=parent)
   try:
-    # Plain diffusers classes and configs: the export must not depend on our
-    # remat subclass or on run-time attention flags.
-    unet_cfg = dict(sd.unet.config, use_memory_efficient_attention=False, split_head_dim=False)
-    FlaxUNet2DConditionModel.from_config(unet_cfg).save_pretrained(
-        os.path.join(tmp, 'unet'), params=host(params['unet']))
-    FlaxAutoencoderKL.from_config(dict(sd.vae.config)).save_pretrained(
-        os.path.join(tmp, 'vae'), params=host(params['vae']))
-    FlaxCLIPTextModel(sd.text_encoder.config, _do_init=False).save_pretrained(
-        os.path.join(tmp, 'text_encoder'), params=host(params['text_encoder']))
-    sd.tokenizer.save_pretrained(os.path.join(tmp, 'tokenizer'))
-    os.makedirs(os.path.join(tmp, 'scheduler'))
-    sched = dict(sd.scheduler_config)
-    sched_cls = sched.setdefault('_class_name', 'DDPMScheduler')
-    with open(os.path.join(tmp, 'scheduler', 'scheduler_config.json'), 'w') as f:
-      json.dump(sched, f, indent=2)
-    index = dict(MODEL_INDEX, scheduler=['diffusers', sched_cls.removeprefix('Flax')])
-    with open(os.path.join(tmp, 'model_index.json'), 'w') as f:
-      json.dump(index, f, indent=2)
+    write_fn(tmp)
     os.chmod(tmp, 0o755)  # mkdtemp makes it 0700.
     old = None
     if os.path.exists(out_dir):
@@ -499,3 +508,42 @@ def save_pipeline(out_dir, sd: StableDiffusion, params) -> str:
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
   return out_dir
+
+
+def write_json(path, obj):
+  with open(path, 'w') as f:
+    json.dump(obj, f, indent=2)
+
+
+def save_pipeline(out_dir, sd: StableDiffusion, params) -> str:
+  """Writes (sd, params) in diffusers layout with Flax msgpack weights.
+
+  Loadable by `load_stable_diffusion` and, default DDIM scheduler included
+  (`export_scheduler_config`), by `diffusers.FlaxStableDiffusionPipeline.
+  from_pretrained(out_dir, safety_checker=None, feature_extractor=None)`.
+  Written to a temporary sibling and renamed into place; an existing `out_dir`
+  is replaced. Returns `out_dir`.
+  """
+  from diffusers import FlaxAutoencoderKL, FlaxUNet2DConditionModel  # pylint: disable=g-import-not-at-top
+  from transformers import FlaxCLIPTextModel  # pylint: disable=g-import-not-at-top
+
+  quiet_diffusers()
+  host = lambda tree: jax.tree.map(lambda x: np.asarray(jax.device_get(x), np.float32), tree)
+
+  def write(tmp):
+    # Plain diffusers classes and configs: the export must not depend on our
+    # remat subclass or on run-time attention flags.
+    unet_cfg = dict(sd.unet.config, use_memory_efficient_attention=False, split_head_dim=False)
+    FlaxUNet2DConditionModel.from_config(unet_cfg).save_pretrained(
+        os.path.join(tmp, 'unet'), params=host(params['unet']))
+    FlaxAutoencoderKL.from_config(dict(sd.vae.config)).save_pretrained(
+        os.path.join(tmp, 'vae'), params=host(params['vae']))
+    FlaxCLIPTextModel(sd.text_encoder.config, _do_init=False).save_pretrained(
+        os.path.join(tmp, 'text_encoder'), params=host(params['text_encoder']))
+    sd.tokenizer.save_pretrained(os.path.join(tmp, 'tokenizer'))
+    os.makedirs(os.path.join(tmp, 'scheduler'))
+    write_json(os.path.join(tmp, 'scheduler', 'scheduler_config.json'),
+               export_scheduler_config(sd.scheduler_config))
+    write_json(os.path.join(tmp, 'model_index.json'), FLAX_MODEL_INDEX)
+
+  return replace_dir(out_dir, write)

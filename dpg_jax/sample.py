@@ -1,8 +1,9 @@
 """The `--mode=sample` driver: images for prompts from a trained run.
 
 Source (`sample.source`, default the --workdir): an exported pipeline directory
-(diffusers layout), or a workdir — its `export/` if present, else the base model
-of its config with the trainable weights of its latest checkpoint.
+(diffusers layout), or a workdir — its `export/` (or `export_torch/`) if present,
+else the base model of its config with the trainable weights of its latest
+checkpoint.
 
   python -m dpg_jax.main --mode=sample --config=configs/tiny.py --workdir=/tmp/dpg_tiny \\
       --config.sample.prompts="('a sks toy on the moon',)" --config.sample.scheduler=dpm_solver
@@ -36,6 +37,8 @@ def load_trained(source: str, config):
     path = source
   elif _is_pipeline_dir(os.path.join(source, 'export')):
     path = os.path.join(source, 'export')
+  elif _is_pipeline_dir(os.path.join(source, 'export_torch')):  # export_format='torch'
+    path = os.path.join(source, 'export_torch')
   else:
     path = None
   if path is not None:

@@ -25,6 +25,7 @@ from dpg_jax import checkpoint as ckpt_lib
 from dpg_jax import data as data_lib
 from dpg_jax import diffusion
 from dpg_jax import dpg as dpg_lib
+from dpg_jax import export as export_lib
 from dpg_jax import models
 from dpg_jax import optimizer as optimizer_lib
 from dpg_jax import sampling
@@ -297,6 +298,7 @@ def validate_config(config) -> None:
   if config.sample.scheduler not in sampling.SCHEDULERS:
     raise ValueError(f'config key sample.scheduler={config.sample.scheduler!r}: expected one of '
                      f'{sorted(sampling.SCHEDULERS)}.')
+  export_lib.check_config(config)
   n_inst = sum(1 for x in (config.data.instance_dir, config.data.subject, config.data.synthetic) if x)
   if n_inst != 1:
     raise ValueError('exactly one of config keys data.instance_dir, data.subject, '
@@ -518,8 +520,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       preview(config.num_steps)
     checkpointer.wait()
     if config.export and is_main:
-      models.save_pipeline(os.path.join(workdir, 'export'), sd, full_params(state))
-      logging.info('Exported the fine-tuned pipeline to %s', os.path.join(workdir, 'export'))
+      paths = export_lib.export_pipeline(workdir, sd, full_params(state),
+                                         export_format=config.export_format,
+                                         fp16=config.export_fp16)
+      logging.info('Exported the fine-tuned pipeline to %s', ', '.join(paths))
   finally:
     bar.close()
     writer.close()

@@ -1,11 +1,14 @@
 """Torch-free weight IO: read PyTorch-format checkpoints, map them onto Flax.
 
-* `read_state_dict(path)`: {name: np.ndarray} from .safetensors, PyTorch zip
-  pickles (.bin/.pt/.pth, read with a restricted unpickler, no torch) or
-  sharded checkpoints (*.index.json). bf16 comes back as ml_dtypes.bfloat16.
+* `read_state_dict(path)`: {name: np.ndarray} from .safetensors (memory-mapped
+  by the safetensors library, read per tensor), PyTorch zip pickles
+  (.bin/.pt/.pth, read with a restricted unpickler, no torch) or sharded
+  checkpoints (*.index.json). bf16 comes back as ml_dtypes.bfloat16. A
+  truncated or corrupt file raises one ValueError line naming it.
 * `flax_shapes(init_fn, *args)`: the parameter shapes of a module, no compute.
 * `convert_pt_to_flax(pt_state, shapes, ...)`: rename/transpose PyTorch tensors
   into a nested dict of float32 arrays with exactly the structure of `shapes`.
+* `convert_flax_to_pt(params, ...)`: the inverse, for PyTorch exports.
 """
 import collections
 import json
@@ -14,25 +17,20 @@ import pickle
 import re
 from typing import Any, Mapping, Sequence
 import zipfile
+import zlib
 
 import flax
 from flax import traverse_util
 import jax
 import ml_dtypes
 import numpy as np
+import safetensors
 
 # PyTorch buffers that have no Flax counterpart; never reported as unexpected.
 DEFAULT_IGNORE = (r'(^|\.)position_ids$', r'(^|\.)num_batches_tracked$')
 
 # Keys under which training scripts commonly nest the weights.
 _WRAPPER_KEYS = ('state_dict', 'model', 'module', 'model_state_dict', 'ema')
-
-_ST_DTYPES = {
-    'F64': np.float64, 'F32': np.float32, 'F16': np.float16,
-    'BF16': ml_dtypes.bfloat16, 'F8_E4M3': ml_dtypes.float8_e4m3fn,
-    'F8_E5M2': ml_dtypes.float8_e5m2, 'I64': np.int64, 'I32': np.int32,
-    'I16': np.int16, 'I8': np.int8, 'U8': np.uint8, 'BOOL': np.bool_,
-}
 
 _TORCH_STORAGES = {
     'DoubleStorage': np.float64, 'FloatStorage': np.float32,
@@ -54,25 +52,50 @@ _TORCH_DTYPES = {
 # ---------------------------------------------------------------------------
 # Reading.
 # ---------------------------------------------------------------------------
-def read_safetensors(path) -> dict[str, np.ndarray]:
-  """Reads a .safetensors file into numpy (incl. bf16/fp8, which numpy lacks)."""
-  # Parsed by hand: safetensors.numpy has no bfloat16, and the format is just
-  # <u64 header size><JSON header><raw little-endian buffer>.
-  with open(path, 'rb') as f:
-    n = int.from_bytes(f.read(8), 'little')
-    header = json.loads(f.read(n))
-    buf = f.read()
-  out = {}
-  for name, info in header.items():
-    if name == '__metadata__':
-      continue
-    if info['dtype'] not in _ST_DTYPES:
-      raise ValueError(f'{path}: tensor {name!r} has unsupported dtype {info["dtype"]}.')
-    start, end = info['data_offsets']
-    dtype = np.dtype(_ST_DTYPES[info['dtype']]).newbyteorder('<')
-    arr = np.frombuffer(buf, dtype=dtype, count=(end - start) // dtype.itemsize, offset=start)
-    out[name] = arr.reshape(info['shape']).astype(dtype.newbyteorder('='))
-  return out
+class SafetensorsStateDict(Mapping):
+  """{name: np.ndarray} of .safetensors files, read lazily, one tensor at a time.
+
+  A lookup maps the file (safetensors.safe_open), copies that one tensor out
+  and unmaps it again: converting a checkpoint then holds its converted copy
+  plus one source tensor, not the file's pages as well (mapped pages count in
+  the process's RSS for as long as the map lives). Re-opening re-parses the
+  header, ~2 ms per tensor at SD size. The safetensors library handles bf16
+  and fp8 too.
+  """
+
+  def __init__(self, paths: Sequence[str]):
+    self._where = {}
+    for path in paths:
+      with self._open(path) as handle:
+        self._where.update((name, path) for name in handle.keys())
+
+  @staticmethod
+  def _open(path):
+    try:
+      return safetensors.safe_open(path, framework='numpy')
+    except (safetensors.SafetensorError, OSError) as e:
+      raise _corrupt(path, 'safetensors', e) from e
+
+  def __getitem__(self, name):
+    path = self._where[name]
+    with self._open(path) as handle:
+      try:
+        return handle.get_tensor(name)
+      except (safetensors.SafetensorError, OSError, ValueError) as e:
+        raise _corrupt(path, 'safetensors', e) from e
+
+  def __iter__(self):
+    return iter(self._where)
+
+  def __len__(self):
+    return len(self._where)
+
+
+def _corrupt(path, kind, exc) -> ValueError:
+  """One-line error naming a weights file that cannot be parsed."""
+  detail = ' '.join(str(exc).split()) or type(exc).__name__
+  return ValueError(f'{path}: truncated or corrupt {kind} file ({detail}); '
+                    're-download or re-export it.')
 
 
 class _Storage:
@@ -159,12 +182,21 @@ def read_torch_pickle(path) -> Any:
   """
   if not zipfile.is_zipfile(path):
     raise ValueError(
-        f'{path} is not a zip-format PyTorch checkpoint (legacy torch<1.6 '
-        'format?); re-save it with a recent torch.save or as .safetensors.')
+        f'{path} is not a zip-format PyTorch checkpoint: truncated or corrupt, or the '
+        'legacy torch<1.6 format; re-download it, or re-save it with a recent torch.save '
+        'or as .safetensors.')
+  try:
+    return _read_torch_zip(path)
+  except (zipfile.BadZipFile, pickle.UnpicklingError, EOFError, KeyError, ValueError,
+          zlib.error) as e:
+    raise _corrupt(path, 'PyTorch checkpoint', e) from e
+
+
+def _read_torch_zip(path):
   with zipfile.ZipFile(path) as zf:
     pkl = [n for n in zf.namelist() if n.endswith('data.pkl')]
     if not pkl:
-      raise ValueError(f'{path}: no data.pkl inside; not a PyTorch checkpoint.')
+      raise ValueError('no data.pkl inside; not a PyTorch checkpoint')
     root = pkl[0][:-len('data.pkl')]
     byteorder = 'little'
     if root + 'byteorder' in zf.namelist():
@@ -195,8 +227,10 @@ def _tensors_only(obj, prefix=''):
   return out
 
 
-def read_state_dict(path, key: str | None = None) -> dict[str, np.ndarray]:
+def read_state_dict(path, key: str | None = None) -> Mapping[str, np.ndarray]:
   """{name: np.ndarray} from a .safetensors, PyTorch zip or *.index.json file.
+
+  Safetensors come back as a lazy `SafetensorsStateDict` (memory-mapped).
 
   Args:
     path: a .safetensors file, a PyTorch .bin/.pt/.pth file, or the
@@ -209,14 +243,22 @@ def read_state_dict(path, key: str | None = None) -> dict[str, np.ndarray]:
   """
   path = os.fspath(path)
   if path.endswith('.index.json'):
-    with open(path) as f:
-      weight_map = json.load(f)['weight_map']
+    try:
+      with open(path) as f:
+        weight_map = json.load(f)['weight_map']
+    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
+      raise _corrupt(path, 'checkpoint index', e) from e
+    shards = [os.path.join(os.path.dirname(path), s) for s in sorted(set(weight_map.values()))]
+    if key is None and all(s.endswith('.safetensors') for s in shards):
+      return SafetensorsStateDict(shards)
     out = {}
-    for shard in sorted(set(weight_map.values())):
-      out.update(read_state_dict(os.path.join(os.path.dirname(path), shard), key=key))
+    for shard in shards:
+      out.update(read_state_dict(shard, key=key))
     return out
   if path.endswith('.safetensors'):
-    obj = read_safetensors(path)
+    obj = SafetensorsStateDict([path])
+    if key is None:
+      return obj  # Flat and tensors only; stays lazy.
   else:
     obj = read_torch_pickle(path)
   if not isinstance(obj, Mapping):
@@ -350,3 +392,58 @@ def convert_pt_to_flax(pt_state: Mapping[str, np.ndarray], shapes, library: str 
         lines.append(f'  {len(items)} {title}: {shown}')
     raise ValueError('\n'.join(lines))
   return traverse_util.unflatten_dict(out)
+
+
+# Flax names list submodules '<attr>_<i>' (down_blocks_0); these PyTorch
+# attributes end in digits themselves (TimestepEmbedding) and stay as they are.
+_PT_DIGIT_NAMES = ('linear_1', 'linear_2')
+# The Flax VAE attention's names vs diffusers' PyTorch Attention.
+_FLAX_ATTN_TO_PT = {'query': 'to_q', 'key': 'to_k', 'value': 'to_v', 'proj_attn': 'to_out.0'}
+
+
+def _pt_module_name(name):
+  if name in _PT_DIGIT_NAMES:
+    return name
+  return re.sub(r'^(\w+?)_(\d+)$', r'\1.\2', name)
+
+
+def _to_pt_layout(x):
+  """Transposes a Flax kernel into PyTorch layout (the inverse of _to_flax_layout)."""
+  if x.ndim == 4:   # Conv2d HWIO -> OIHW.
+    return x.transpose(3, 2, 0, 1)
+  if x.ndim == 3:   # Conv1d WIO -> OIW.
+    return x.transpose(2, 1, 0)
+  if x.ndim == 2:   # Dense (in, out) -> Linear (out, in).
+    return x.T
+  return x
+
+
+def convert_flax_to_pt(params, library: str = 'diffusers',
+                       dtype=np.float32) -> dict[str, np.ndarray]:
+  """Flax params tree -> PyTorch state dict (numpy, contiguous, `dtype`).
+
+  The inverse of `convert_pt_to_flax` for current diffusers/transformers
+  PyTorch modules: Dense -> Linear, Conv -> Conv2d, LayerNorm/GroupNorm scale
+  -> weight, Embed embedding -> weight; diffusers list submodules and VAE
+  attention names as in diffusers' PyTorch classes.
+  """
+  if library not in ('diffusers', 'transformers'):
+    raise ValueError(f"library must be 'diffusers' or 'transformers', got {library!r}.")
+  out = {}
+  for path, x in traverse_util.flatten_dict(flax.core.unfreeze(params)).items():
+    *mod, leaf = path
+    if library == 'diffusers':
+      if mod and mod[-1] in _FLAX_ATTN_TO_PT:
+        mod[-1] = _FLAX_ATTN_TO_PT[mod[-1]]
+      mod = [_pt_module_name(m) for m in mod]
+    x = np.asarray(x)
+    if leaf == 'kernel':
+      x, leaf = _to_pt_layout(x), 'weight'
+    elif leaf in ('scale', 'embedding'):
+      leaf = 'weight'
+    name = '.'.join(mod + [leaf])
+    if name in out:
+      raise ValueError(f'Flax params {"/".join(path)} and another leaf both map to '
+                       f'PyTorch {name!r}.')
+    out[name] = np.ascontiguousarray(x, dtype=dtype)
+  return out

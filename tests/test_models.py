@@ -1,5 +1,6 @@
 """Loader, export and module variants of the tiny SD; parity with PyTorch."""
 import fnmatch
+import hashlib
 import json
 import os
 import shutil
@@ -8,9 +9,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import safetensors.numpy
 
+from configs import default as default_config
+from dpg_jax import export
 from dpg_jax import models
+from dpg_jax import sample
+from dpg_jax import sampling
 from dpg_jax import tiny
+from dpg_jax import weights
 
 FIXTURES = os.path.join(os.path.dirname(__file__), 'fixtures')
 PT_DIR = os.path.join(FIXTURES, 'sd_tiny_pt')
@@ -122,24 +129,164 @@ def test_tiny_sd_deterministic(tmp_path, tiny_sd_dir):
 
 
 # -- export -------------------------------------------------------------------------
+EXPORT_RUN = {'prompt': 'a photo of sks dog', 'seed': 3, 'num_inference_steps': 4,
+              'guidance_scale': 7.5, 'resolution': 64}  # = make_sd_fixtures.EXPORT_RUN
+PT_WEIGHTS = {'unet': 'diffusion_pytorch_model', 'vae': 'diffusion_pytorch_model',
+              'text_encoder': 'model'}
+
+
+def _equal_trees(a, b):
+  flat = jax.tree.leaves(jax.tree.map(lambda x, y: bool((np.asarray(x) == np.asarray(y)).all()),
+                                      a, b))
+  return jax.tree.structure(a) == jax.tree.structure(b) and bool(flat) and all(flat)
+
+
+@pytest.fixture(scope='module')
+def ddim_image(tiny_sd):
+  """Our sampler's image for EXPORT_RUN (DDIM), float32 in [0, 1]."""
+  sd, params = tiny_sd
+  r = EXPORT_RUN
+  sampler = sampling.Sampler(sd, resolution=r['resolution'], scheduler='ddim',
+                             num_inference_steps=r['num_inference_steps'],
+                             guidance_scale=r['guidance_scale'], batch_size=1)
+  latents = sampling.initial_noise([r['seed']], sampler.latent_shape)
+  image = (sampler.sample(params, [r['prompt']], [r['seed']]) + 1) / 2
+  return np.asarray(latents), image
+
+
 def test_save_pipeline_roundtrip(tmp_path, tiny_sd):
   sd, params = tiny_sd
   out = models.save_pipeline(tmp_path / 'export', sd, params)
   models.save_pipeline(out, sd, params)  # Overwrites in place.
   assert sorted(os.listdir(tmp_path)) == ['export']
   sd2, params2 = models.load_stable_diffusion(out)
-  assert jax.tree.structure(params2) == jax.tree.structure(params)
-  assert all(jax.tree.leaves(jax.tree.map(lambda a, b: bool((a == b).all()), params, params2)))
-  assert sd2.scheduler_config['beta_schedule'] == 'scaled_linear'
+  assert _equal_trees(params, params2)
+  assert sd2.scheduler_config['_class_name'] == 'DDIMScheduler'
+  # Same training schedule as the source (DDPM config), so training resumes alike.
+  np.testing.assert_array_equal(sd2.alphas_cumprod(), sd.alphas_cumprod())
+  with open(os.path.join(out, 'model_index.json')) as f:
+    assert json.load(f)['scheduler'] == ['diffusers', 'FlaxDDIMScheduler']
 
-  from diffusers import FlaxStableDiffusionPipeline  # pylint: disable=g-import-not-at-top
+
+def test_flax_export_generates_like_sampler(tmp_path, tiny_sd, ddim_image):
+  from diffusers import FlaxDPMSolverMultistepScheduler, FlaxStableDiffusionPipeline  # pylint: disable=g-import-not-at-top
+  from flax.jax_utils import replicate  # pylint: disable=g-import-not-at-top
+  from flax.training.common_utils import shard  # pylint: disable=g-import-not-at-top
+  sd, params = tiny_sd
+  out = models.save_pipeline(tmp_path / 'export', sd, params)
+  # Exactly as saved: default scheduler, no overrides.
   pipe, pparams = FlaxStableDiffusionPipeline.from_pretrained(
       out, safety_checker=None, feature_extractor=None)
-  assert type(pipe.scheduler).__name__ == 'FlaxDDPMScheduler'
+  assert type(pipe.scheduler).__name__ == 'FlaxDDIMScheduler'
   for comp in ('unet', 'vae', 'text_encoder'):
-    flat = jax.tree.leaves(jax.tree.map(lambda a, b: bool((np.asarray(a) == b).all()),
-                                        dict(pparams[comp]), params[comp]))
-    assert flat and all(flat), comp
+    assert _equal_trees(dict(pparams[comp]), params[comp]), comp
+  latents, want = ddim_image
+  r = EXPORT_RUN
+  # jit=True: one pmap'd program (over 1 device), compiled once and cached;
+  # eager dispatch of the pipeline's ops takes 4x as long on CPU.
+  got = pipe(shard(sd.tokenize([r['prompt']])), replicate(pparams),
+             jax.random.split(jax.random.PRNGKey(0), 1),
+             num_inference_steps=r['num_inference_steps'], height=r['resolution'],
+             width=r['resolution'], guidance_scale=r['guidance_scale'],
+             latents=shard(latents), jit=True).images[0]
+  assert np.asarray(got).shape == want.shape == (1, 64, 64, 3)
+  assert float(want.std()) > 0.1  # A non-trivial image.
+  # Same computation up to batching (the pipeline concatenates the CFG halves).
+  assert _maxdiff(got, want) <= 1e-4
+  # Flax class names in model_index.json let users swap the scheduler.
+  sched, _ = FlaxDPMSolverMultistepScheduler.from_pretrained(out, subfolder='scheduler')
+  pipe2, _ = FlaxStableDiffusionPipeline.from_pretrained(
+      out, scheduler=sched, safety_checker=None, feature_extractor=None)
+  assert type(pipe2.scheduler).__name__ == 'FlaxDPMSolverMultistepScheduler'
+
+
+def _sha256(path):
+  with open(path, 'rb') as f:
+    return hashlib.sha256(f.read()).hexdigest()
+
+
+def test_torch_export_layout_and_roundtrip(tmp_path, tiny_sd, ddim_image):
+  sd, params = tiny_sd
+  out = export.save_torch_pipeline(tmp_path / 'export_torch', sd, params, fp16=True)
+  # The project's torch-free PyTorch loader reads back the very same params.
+  sd2, params2 = models.load_stable_diffusion(out, weights_format='safetensors')
+  assert _equal_trees(params, params2)
+  assert sd2.scheduler_config['_class_name'] == 'DDIMScheduler'
+  with open(os.path.join(out, 'model_index.json')) as f:
+    index = json.load(f)
+  assert (index['_class_name'], index['unet'], index['scheduler']) == (
+      'StableDiffusionPipeline', ['diffusers', 'UNet2DConditionModel'],
+      ['diffusers', 'DDIMScheduler'])
+  # Key names and shapes of the recorded PyTorch diffusers/transformers models.
+  recorded = {'unet': 'unet/diffusion_pytorch_model.safetensors',
+              'vae': 'vae/diffusion_pytorch_model.safetensors',
+              'text_encoder': 'text_encoder/pytorch_model.bin'}
+  for comp, stem in PT_WEIGHTS.items():
+    want = {k: v.shape for k, v in weights.read_state_dict(
+        os.path.join(PT_DIR, recorded[comp])).items()}
+    got = safetensors.numpy.load_file(os.path.join(out, comp, f'{stem}.safetensors'))
+    assert {k: v.shape for k, v in got.items()} == want, comp
+    assert all(v.dtype == np.float32 for v in got.values())
+    half = safetensors.numpy.load_file(os.path.join(out, comp, f'{stem}.fp16.safetensors'))
+    assert sorted(half) == sorted(got)
+    for k, v in half.items():
+      assert v.dtype == np.float16
+      np.testing.assert_array_equal(v, got[k].astype(np.float16))
+    with open(os.path.join(out, comp, 'config.json')) as f:
+      cfg = json.load(f)
+    assert cfg.get('_class_name', cfg.get('architectures', [''])[0]) == {
+        'unet': 'UNet2DConditionModel', 'vae': 'AutoencoderKL',
+        'text_encoder': 'CLIPTextModel'}[comp]
+    assert 'use_memory_efficient_attention' not in cfg
+
+  # What PyTorch diffusers made of this very export (make_sd_fixtures.py check).
+  with open(os.path.join(FIXTURES, 'sd_torch_export.json')) as f:
+    record = json.load(f)
+  assert record['run'] == EXPORT_RUN
+  for rel, digest in record['files'].items():
+    assert _sha256(os.path.join(out, rel)) == digest, (
+        f'{rel} differs from the recorded export: re-run tests/fixtures/make_sd_fixtures.py '
+        'export/check')
+  for variant, dtype in (('fp32', 'torch.float32'), ('fp16', 'torch.float16')):
+    entry = record[variant]
+    assert entry['classes'] == {'vae': 'AutoencoderKL', 'text_encoder': 'CLIPTextModel',
+                                'tokenizer': 'CLIPTokenizer', 'unet': 'UNet2DConditionModel',
+                                'scheduler': 'DDIMScheduler'}
+    for comp, c in entry['components'].items():
+      n = len(safetensors.numpy.load_file(os.path.join(out, comp, PT_WEIGHTS[comp]
+                                                       + '.safetensors')))
+      assert (c['file_keys'], c['model_keys'], c['missing'], c['unexpected'],
+              c['dtypes']) == (n, n, [], [], [dtype]), (variant, comp)
+  # PyTorch's StableDiffusionPipeline on the export == our DDIM sampler, same
+  # latents, to 1e-3 in [0, 1] (a quarter of a uint8 level; measured 3.2e-4):
+  # diffusers' Flax GEGLU uses tanh-GELU where PyTorch uses erf, ~1e-4 per step.
+  latents, want = ddim_image
+  assert hashlib.sha256(latents.tobytes()).hexdigest() == record['latents_sha256']
+  torch_image = np.load(os.path.join(FIXTURES, 'sd_torch_export.npz'))['image']
+  assert torch_image.shape == want.shape
+  assert _maxdiff(torch_image, want) <= 1e-3
+  assert float(np.abs(torch_image - want).mean()) <= 1e-4
+
+
+def test_export_pipeline_formats(tmp_path, tiny_sd):
+  sd, params = tiny_sd
+  for fmt, dirs in (('flax', ['export']), ('torch', ['export_torch']),
+                    ('both', ['export', 'export_torch'])):
+    paths = export.export_pipeline(tmp_path / fmt, sd, params, export_format=fmt)
+    assert sorted(os.listdir(tmp_path / fmt)) == dirs
+    assert paths == [str(tmp_path / fmt / d) for d in dirs]
+  unet_files = os.listdir(tmp_path / 'torch' / 'export_torch' / 'unet')
+  assert sorted(unet_files) == ['config.json', 'diffusion_pytorch_model.safetensors']  # No fp16.
+  with pytest.raises(ValueError, match=r"config key export_format='onnx': expected one of"):
+    export.export_pipeline(tmp_path / 'x', sd, params, export_format='onnx')
+  config = default_config.get_config()
+  export.check_config(config)
+  # --mode=sample finds a torch-only export of a workdir.
+  _, loaded = sample.load_trained(str(tmp_path / 'torch'), config)
+  assert _equal_trees(loaded, params)
+  config.export_format = 'pytorch'
+  with pytest.raises(ValueError, match=r"config key export_format='pytorch'"):
+    export.check_config(config)
 
 
 # -- module variants --------------------------------------------------------------
@@ -256,6 +403,26 @@ def test_error_mismatched_weights(tmp_path, tiny_sd_dir):
   with pytest.raises(ValueError, match=r'model\.pretrained=.*PyTorch weights in .*vae.* '
                      r'do not match the Flax model:\n.*wrong shape: .*quant_conv'):
     models.load_stable_diffusion(path)
+
+
+@pytest.mark.parametrize('src,rel,kind', [
+    ('pt', 'unet/diffusion_pytorch_model.safetensors', 'safetensors'),
+    ('pt', 'text_encoder/pytorch_model.bin', 'PyTorch checkpoint'),
+    ('flax', 'vae/diffusion_flax_model.msgpack', 'Flax msgpack'),
+])
+def test_error_truncated_weights_names_file(tmp_path, tiny_sd_dir, src, rel, kind):
+  path = _copy(PT_DIR if src == 'pt' else tiny_sd_dir, tmp_path / 'sd')
+  weights_file = os.path.join(path, rel)
+  size = os.path.getsize(weights_file)
+  with open(weights_file, 'r+b') as f:
+    f.truncate(size // 2)  # A download or copy cut short.
+  with pytest.raises(ValueError) as e:
+    models.load_stable_diffusion(path)
+  msg = str(e.value)
+  assert '\n' not in msg and weights_file in msg, msg
+  assert msg.startswith('model.pretrained=') and 'truncated or corrupt' in msg, msg
+  if kind != 'PyTorch checkpoint':  # (A cut zip has no directory: not a zip at all.)
+    assert f'corrupt {kind} file' in msg, msg
 
 
 def test_hub_download_fetches_one_format(monkeypatch, tiny_sd_dir):

@@ -170,3 +170,84 @@ def test_convert_pt_to_flax_transformers_names():
   np.testing.assert_array_equal(params['layers']['1']['kernel'], pt['layers.1.weight'].T)
   with pytest.raises(ValueError, match='unexpected'):
     weights.convert_pt_to_flax(pt, shapes, library='diffusers')
+
+
+# -- Flax -> PyTorch ----------------------------------------------------------------
+def test_convert_flax_to_pt_inverts_pt_to_flax():
+  pt = _toy_pt_state(np.random.default_rng(0))
+  params = weights.convert_pt_to_flax(pt, _toy_shapes(), library='diffusers')
+  back = weights.convert_flax_to_pt(params, library='diffusers')
+  # Current PyTorch names: GroupNorm gamma/beta are weight/bias; buffers dropped.
+  renamed = {'gn.gamma': 'gn.weight', 'gn.beta': 'gn.bias'}
+  want = {renamed.get(k, k): v.astype(np.float32) for k, v in pt.items()
+          if k != 'embeddings.position_ids'}
+  assert sorted(back) == sorted(want)
+  for k, v in want.items():
+    assert back[k].dtype == np.float32 and back[k].flags.c_contiguous, k
+    np.testing.assert_array_equal(back[k], v, err_msg=k)
+  assert weights.convert_flax_to_pt(params, dtype=np.float16)['proj.weight'].dtype == np.float16
+
+
+def test_convert_flax_to_pt_diffusers_and_transformers_names():
+  x = np.zeros((2, 3), np.float32)
+  params = {'time_embedding': {'linear_1': {'kernel': x}},
+            'mid_block': {'attentions_0': {'query': {'kernel': x}, 'proj_attn': {'bias': x[0]}}},
+            'down_blocks_1': {'attentions_0': {'transformer_blocks_0': {
+                'attn1': {'to_out_0': {'kernel': x}}, 'ff': {'net_2': {'kernel': x}}}}}}
+  assert sorted(weights.convert_flax_to_pt(params)) == [
+      'down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_out.0.weight',
+      'down_blocks.1.attentions.0.transformer_blocks.0.ff.net.2.weight',
+      'mid_block.attentions.0.to_out.0.bias', 'mid_block.attentions.0.to_q.weight',
+      'time_embedding.linear_1.weight']
+  te = {'text_model': {'encoder': {'layers': {'0': {'self_attn': {'q_proj': {'kernel': x}}}}},
+                       'final_layer_norm': {'scale': x[0]},
+                       'embeddings': {'token_embedding': {'embedding': x}}}}
+  got = weights.convert_flax_to_pt(te, library='transformers')
+  assert sorted(got) == ['text_model.embeddings.token_embedding.weight',
+                         'text_model.encoder.layers.0.self_attn.q_proj.weight',
+                         'text_model.final_layer_norm.weight']
+  assert got['text_model.encoder.layers.0.self_attn.q_proj.weight'].shape == (3, 2)
+  assert got['text_model.embeddings.token_embedding.weight'].shape == (2, 3)  # Not transposed.
+
+
+# -- lazy reading, corrupt files ----------------------------------------------------
+def test_read_safetensors_is_lazy(tmp_path, monkeypatch):
+  want = {f'w{i}': np.full((4,), i, np.float32) for i in range(3)}
+  safetensors.numpy.save_file(want, str(tmp_path / 'x.safetensors'))
+  got = weights.read_state_dict(tmp_path / 'x.safetensors')
+  assert isinstance(got, weights.SafetensorsStateDict) and len(got) == 3
+  reads = []
+  orig = weights.SafetensorsStateDict.__getitem__
+  monkeypatch.setattr(weights.SafetensorsStateDict, '__getitem__',
+                      lambda self, k: reads.append(k) or orig(self, k))
+  assert sorted(got) == ['w0', 'w1', 'w2'] and not reads  # Listing reads no tensor.
+  np.testing.assert_array_equal(got['w2'], want['w2'])
+  assert reads == ['w2']
+
+
+def _truncate(path, keep):
+  with open(path, 'r+b') as f:
+    f.truncate(keep)
+  return str(path)
+
+
+def test_read_truncated_or_corrupt_files_name_them(tmp_path):
+  x = {'a': np.arange(1000, dtype=np.float32)}
+  st = tmp_path / 'x.safetensors'
+  safetensors.numpy.save_file(x, str(st))
+  bad = _truncate(st, os.path.getsize(st) // 2)
+  with pytest.raises(ValueError, match=rf'^{bad}: truncated or corrupt safetensors file \(.+\); '):
+    weights.read_state_dict(bad)
+  pt = tmp_path / 'dtypes.pt'
+  pt.write_bytes(open(os.path.join(FIXTURES, 'torch_dtypes.pt'), 'rb').read())
+  data = bytearray(pt.read_bytes())
+  # Zeroed bytes inside the archive (a damaged copy).
+  i = data.find(b'data/0') + 200
+  data[i:i + 8] = bytes(8)
+  (tmp_path / 'flipped.pt').write_bytes(bytes(data))
+  with pytest.raises(ValueError, match=r'flipped\.pt: truncated or corrupt PyTorch checkpoint'):
+    weights.read_state_dict(tmp_path / 'flipped.pt')
+  cut = _truncate(pt, os.path.getsize(pt) // 2)
+  with pytest.raises(ValueError, match=rf'^{cut} is not a zip-format PyTorch checkpoint: '
+                     'truncated or corrupt'):
+    weights.read_state_dict(cut)
