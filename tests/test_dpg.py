@@ -309,12 +309,12 @@ def test_nonfinite_critic_update_stops_only_without_skip(fixture, request):
   skip = s.state.critic['look_forward'].skip_nonfinite
   assert skip == (fixture == 'with_prior')   # faithful vs robust preset
   update = jax.jit(s.dpg.critic_update)
-  shape = (1, _BATCH) + s.dpg.latent_shape
+  shape = (_BATCH,) + s.dpg.latent_shape
   for x0_hat, bad in ((np.ones(shape, np.float32), False),
                       (np.full(shape, 1e30, np.float32), True)):   # cost overflows to inf
     auxs = {'x0': np.zeros(shape, np.float32), 'x0_hat': x0_hat,
             'eps': np.zeros(shape, np.float32), 'eps_hat': np.zeros(shape, np.float32),
-            't': np.full((1, _BATCH), 500, np.int32)}
+            't': np.full((_BATCH,), 500, np.int32)}
     new, m = update(s.state.critic, s.frozen, auxs, jax.random.PRNGKey(0))
     assert float(m['critic_look_forward/nonfinite']) == float(bad)
     assert float(m['dpg/critic_nonfinite']) == float(bad and not skip)
