@@ -39,6 +39,9 @@ _PEER = flags.DEFINE_string(
     'peer_python', '', 'Python of a separate venv with torch, diffusers and transformers: also '
     'time an independent PyTorch step of the same shapes (dpg_jax/bench_peer_torch.py) and '
     'print the ratio. Empty: ours only.')
+_PEAK_FLAG = flags.DEFINE_float(
+    'peak_tflops', 0.0, 'Peak TFLOP/s of all devices together, for MFU (0: datasheet value of '
+    'known GPUs/TPUs, else MFU is nan).')
 _ISOLATE = flags.DEFINE_boolean(
     'isolate', None, 'Measure each variant in a fresh process (its own peak RSS); default: on '
     'for --shapes=sd14, where variants cannot share memory anyway.')
@@ -119,6 +122,23 @@ def _peak_memory_bytes():
   if 'peak_bytes_in_use' in stats:
     return int(stats['peak_bytes_in_use']), 'device'
   return peak_rss_bytes(), 'process RSS'
+
+
+# Dense peak TFLOP/s by device kind (vendor datasheets, SXM parts): (bf16, fp32).
+_PEAK_TFLOPS = {'H200': (989.0, 67.0), 'H100': (989.0, 67.0), 'A100': (312.0, 19.5),
+                'L4': (121.0, 30.3), 'TPU v4': (275.0, 275.0), 'TPU v5': (197.0, 197.0)}
+
+
+def peak_tflops(dtype: str) -> float:
+  """--peak_tflops, else the datasheet peak of this device kind (nan if unknown)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  if _PEAK_FLAG.value:
+    return _PEAK_FLAG.value
+  kind = getattr(jax.devices()[0], 'device_kind', '')
+  for name, (bf16, fp32) in _PEAK_TFLOPS.items():
+    if name.lower() in kind.lower():
+      return (bf16 if dtype == 'bfloat16' else fp32) * jax.device_count()
+  return float('nan')
 
 
 VARIANTS = ('dreambooth', 'dpg', 'dpg_dino')
@@ -225,9 +245,10 @@ def bench_variant(config, sd, params, workdir, sd14: bool = False):
   def summary(times) -> dict:
     med = statistics.median(times)
     mem, mem_kind = _peak_memory_bytes()
+    peak = peak_tflops(config.model.dtype)
     return {'compile_s': compile_s, 's_per_step': med, 'images_per_s': images / med,
             'peak_mem_gib': mem / 2**30, 'mem_kind': mem_kind, 'gflop_per_step': flops / 1e9,
-            'tflop_per_s': flops / med / 1e12,
+            'tflop_per_s': flops / med / 1e12, 'mfu': flops / med / 1e12 / peak,
             'loss_finite': bool(box['metrics']['finite'])}
 
   return run_step, summary
@@ -366,7 +387,7 @@ def main(argv):
             f'attention={config.model.attention} opt_state={config.optimizer_state_dtype}')
   print('\n' + header)
   print_table(rows, ('variant', 'compile_s', 's_per_step', 'images_per_s', 'peak_mem_gib',
-                     'gflop_per_step', 'tflop_per_s', 'step_ratio_vs_first', 'error'))
+                     'gflop_per_step', 'tflop_per_s', 'mfu', 'step_ratio_vs_first', 'error'))
   peers = []
   if _PEER.value:
     sd_shapes = sd14_random(config.model.dtype, False, 'standard', abstract=True)[0] if sd14 \

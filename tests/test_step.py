@@ -165,3 +165,36 @@ def test_conditioning_rows_follow_the_text_encoder_setting(tiny_sd):
   assert sorted(rows) == ['instance_context']
   want = np.asarray(sd.encode_text(params['text_encoder'], ids[:1]))
   np.testing.assert_allclose(rows['instance_context'], np.repeat(want, 4, 0), atol=1e-6)
+
+
+@pytest.mark.slow
+def test_bf16_compute_tracks_fp32_over_a_tiny_run(tiny_sd_dir):
+  """bf16 compute with fp32 master weights: the same loss curve as fp32, within noise."""
+  from dpg_jax import models  # pylint: disable=g-import-not-at-top
+  steps, curves = 200, {}
+  for dtype in ('float32', 'bfloat16'):
+    sd, params = models.load_stable_diffusion(tiny_sd_dir, dtype=dtype)
+    c = _config(1, 8)
+    c.dpg.enabled, c.learning_rate = False, 3e-4
+    spec = train.make_step_spec(sd, c)
+    state = train.init_state(spec, train.trainable_params(params, c), jax.random.PRNGKey(0))
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.params))
+    rs = np.random.RandomState(0)
+    lat = lambda n: rs.randn(n, 4, 8, 8).astype(np.float32) * 4.0
+    latents = data_lib.SubjectLatents(lat(4), np.full((4, 4, 8, 8), .05, np.float32),
+                                      lat(4), np.full((4, 4, 8, 8), .05, np.float32))
+    cond = train.conditioning_rows(sd, params['text_encoder'], c,
+                                   sd.tokenize(['a photo of sks toy', 'a photo of toy']))
+    step = jax.jit(functools.partial(train.train_step, spec), donate_argnums=0)
+    losses = []
+    for i in range(steps):
+      state, m = step(state, train.host_batch(latents, cond, step=i, config=c),
+                      jax.random.PRNGKey(1))
+      losses.append(float(m['loss']))
+    curves[dtype] = np.asarray(losses)
+  f32, b16 = curves['float32'], curves['bfloat16']
+  assert np.all(np.isfinite(b16))
+  tail = slice(steps - 50, steps)
+  assert f32[tail].mean() < 0.7 * f32[:20].mean()           # it learns at all
+  np.testing.assert_allclose(b16[tail].mean(), f32[tail].mean(), rtol=0.1)
+  np.testing.assert_allclose(b16[:20].mean(), f32[:20].mean(), rtol=0.05)
