@@ -791,7 +791,7 @@ class Evaluator:
     run_dir = self._trained_run(cfg, method, name)
     export_dir = os.path.join(run_dir, 'export')
     with self.timer('load_model'):
-      sd, params = sample_lib.load_trained(run_dir, cfg)
+      sd, params, _ = sample_lib.load_trained(run_dir, cfg)
     sampler = self._sampler(sd, export_dir, s.resolution or cfg.data.resolution)
     out_dir = os.path.join(self.workdir, 'images', method, name)
     # Several prompts per sampler call fill its batch; each is recorded alone.
