@@ -22,12 +22,13 @@ from PIL import ImageOps
 
 from dpg_jax import fileio
 
-IMAGE_EXTS = ('.jpg', '.jpeg', '.png', '.webp')
+# As dpg_jax.datasets.common.IMAGE_EXTENSIONS: both readers take the same files.
+IMAGE_EXTS = ('.jpg', '.jpeg', '.png', '.webp', '.bmp')
 # Image files a user may drop into a photo folder that `list_images` does not
-# take (Pillow reads some, e.g. .bmp/.gif/.tif/.jfif/.avif; HEIC and camera raw
-# it does not): `load_images` names them in one warning instead of silence.
+# take (Pillow reads some, e.g. .gif/.tif/.jfif/.avif; HEIC and camera raw it
+# does not): `load_images` names them in one warning instead of silence.
 OTHER_IMAGE_EXTS = (
-    '.bmp', '.dib', '.gif', '.apng', '.tif', '.tiff', '.jfif', '.jpe', '.jp2', '.j2k',
+    '.dib', '.gif', '.apng', '.tif', '.tiff', '.jfif', '.jpe', '.jp2', '.j2k',
     '.jpx', '.jxl', '.avif', '.avifs', '.heic', '.heif', '.ppm', '.pgm', '.pbm', '.pnm',
     '.tga', '.ico', '.psd', '.qoi', '.pcx', '.sgi', '.dds', '.icns', '.mpo', '.svg',
     '.exr', '.hdr', '.raw', '.dng', '.cr2', '.cr3', '.crw', '.nef', '.nrw', '.arw',

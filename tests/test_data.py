@@ -149,7 +149,7 @@ def test_errors_name_path_and_config_key(tmp_path):
 
 def test_unread_image_formats_named_in_one_warning(tmp_path):
   folder = _folder(tmp_path, n=2)
-  _save(folder / 'real.bmp', _noise(40, 40))   # Pillow reads it; we do not
+  _save(folder / 'real.bmp', _noise(40, 40))   # read, as dpg_jax.datasets does
   for name in ('IMG_1.HEIC', 'scan.tif', 'shot.cr2', 'a.gif', 'dl.jfif', 'notes.txt',
                '._x.heic'):
     (folder / name).write_bytes(b'')
@@ -157,18 +157,18 @@ def test_unread_image_formats_named_in_one_warning(tmp_path):
   with warnings.catch_warnings(record=True) as record:
     warnings.simplefilter('always')
     images, paths = data.load_images(str(folder), 32)
-  assert [os.path.basename(p) for p in paths] == ['00.png', '01.png']
-  assert images.shape == (2, 32, 32, 3)
+  assert [os.path.basename(p) for p in paths] == ['00.png', '01.png', 'real.bmp']
+  assert images.shape == (3, 32, 32, 3)
   messages = [str(w.message) for w in record if issubclass(w.category, data.DataWarning)]
   assert len(messages) == 1, messages
   assert messages[0] == (
-      f'data.instance_dir={str(folder)!r}: skipping 6 image file(s) in formats that are not '
-      'read: IMG_1.HEIC, a.gif, dl.jfif, real.bmp, scan.tif, shot.cr2; convert them to PNG '
-      'or JPEG to use them.')
+      f'data.instance_dir={str(folder)!r}: skipping 5 image file(s) in formats that are not '
+      'read: IMG_1.HEIC, a.gif, dl.jfif, scan.tif, shot.cr2; convert them to PNG or JPEG to '
+      'use them.')
   # Only unread formats: the error names them too.
   for p in paths:
     os.remove(p)
-  with pytest.raises(data.DataError, match=r'no images found.*skipped 6 image file\(s\)'
+  with pytest.raises(data.DataError, match=r'no images found.*skipped 5 image file\(s\)'
                      r'.*IMG_1\.HEIC.*shot\.cr2'):
     data.load_images(str(folder), 32)
 
