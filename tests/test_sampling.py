@@ -6,6 +6,7 @@ import sys
 import textwrap
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 import pytest
@@ -61,6 +62,152 @@ def test_initial_noise_depends_only_on_seed():
   np.testing.assert_array_equal(noise[1], ref)
   np.testing.assert_array_equal(noise[0], noise[2])
   assert np.abs(noise[0] - noise[1]).mean() > 0.5
+
+
+# -- numpy references of the three solvers on a toy model ------------------------
+# A stand-in for the SD components the Sampler calls, cheap to compile and
+# easy to restate in numpy: the Sampler's loop (timesteps, CFG mix, scheduler
+# state, PNDM's repeated step, DPM-Solver's order switches) is compared with
+# the solvers written out below from their papers.
+class _ToySD:
+  vae_scale = 8
+  latent_channels = 4
+  unet = type('Unet', (), {'config': type('Cfg', (), {'block_out_channels': (32, 64)})})
+  scheduler_config = {'_class_name': 'DDPMScheduler', 'beta_start': 0.00085, 'beta_end': 0.012,
+                      'beta_schedule': 'scaled_linear', 'num_train_timesteps': 1000,
+                      'prediction_type': 'epsilon', 'clip_sample': False,
+                      'set_alpha_to_one': False, 'steps_offset': 1}
+
+  @staticmethod
+  def tokenize(prompts):
+    return np.array([[len(p), sum(map(ord, p)) % 97, p.count(' ')] for p in prompts], np.int32)
+
+  @staticmethod
+  def encode_text(te, ids, xp=jnp):
+    return xp.asarray(ids, xp.float32)[..., None] * te['w']          # [N, 3, 2]
+
+  @staticmethod
+  def predict(unet, x, t, context, xp=jnp):
+    t = xp.asarray(t, xp.float32)[:, None, None, None] / 1000.0
+    c = context.mean((1, 2))[:, None, None, None]
+    return xp.tanh(unet['a'] * x + unet['b'] * t + 0.02 * c) + 0.1 * x
+
+  @staticmethod
+  def decode_latents(vae, latents, xp=jnp):
+    img = xp.transpose(latents[:, :3], (0, 2, 3, 1)) * vae['s']
+    return xp.repeat(xp.repeat(img, 8, axis=1), 8, axis=2)            # [B, 8h, 8w, 3]
+
+
+_TOY_PARAMS = {'unet': {'a': np.float32(0.7), 'b': np.float32(-0.5)},
+               'vae': {'s': np.float32(0.4)}, 'text_encoder': {'w': np.array([0.3, -0.2],
+                                                                          np.float32)}}
+_TOY_RES = 32
+
+
+def _abar():
+  betas = np.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=np.float64) ** 2
+  return np.cumprod(1.0 - betas)
+
+
+def _toy_eps(x, t, cond, uncond, g):
+  """Classifier-free guided noise prediction of the toy model, float64."""
+  pr = lambda ctx: _ToySD.predict(_TOY_PARAMS['unet'], x, np.full(len(x), t), ctx, xp=np)
+  eu, ec = pr(uncond), pr(cond)
+  return eu + g * (ec - eu)
+
+
+def _ddim_reference(x, eps_fn, n):
+  """DDIM, eta = 0 (Song et al. Eq. 12), SD's 'leading' timesteps + offset 1."""
+  abar, ratio = _abar(), 1000 // n
+  for t in np.arange(n)[::-1] * ratio + 1:
+    e = eps_fn(x, t)
+    a_t, a_prev = abar[t], abar[t - ratio] if t - ratio >= 0 else abar[0]
+    x0 = (x - np.sqrt(1 - a_t) * e) / np.sqrt(a_t)
+    x = np.sqrt(a_prev) * x0 + np.sqrt(1 - a_prev) * e
+  return x
+
+
+def _pndm_step(x, e, t, t_prev, abar):
+  """PNDM's transfer (Liu et al. 2022, Eq. 9) from t to t_prev."""
+  a_t, a_p = abar[t], abar[t_prev] if t_prev >= 0 else abar[0]
+  denom = a_t * np.sqrt(1 - a_p) + np.sqrt(a_t * (1 - a_t) * a_p)
+  return np.sqrt(a_p / a_t) * x - (a_p - a_t) * e / denom
+
+
+def _plms_reference(x, eps_fn, n):
+  """PLMS (PNDM with the Runge-Kutta warm-up skipped), as SD pipelines run it.
+
+  The first step is taken twice (Heun-like): x_T -> x_1 with e(x_T), then
+  x_T -> x_1 again with the mean of e(x_T) and e(x_1 estimate); later steps
+  use the 2-, 3- and 4-step Adams-Bashforth combinations of past e.
+  """
+  abar, r = _abar(), 1000 // n
+  ts = np.arange(n)[::-1] * r + 1
+  e0 = eps_fn(x, ts[0])
+  x_first = _pndm_step(x, e0, ts[0], ts[0] - r, abar)
+  x = _pndm_step(x, (eps_fn(x_first, ts[0] - r) + e0) / 2, ts[0], ts[0] - r, abar)
+  ets = [e0]
+  for t in ts[1:]:
+    ets.append(eps_fn(x, t))
+    e = {2: lambda: (3 * ets[-1] - ets[-2]) / 2,
+         3: lambda: (23 * ets[-1] - 16 * ets[-2] + 5 * ets[-3]) / 12}.get(
+             len(ets), lambda: (55 * ets[-1] - 59 * ets[-2] + 37 * ets[-3] - 9 * ets[-4]) / 24)()
+    x = _pndm_step(x, e, t, t - r, abar)
+  return x
+
+
+def _dpm_solver_reference(x, eps_fn, n):
+  """DPM-Solver++(2M), midpoint (Lu et al. 2022, Alg. 2): data prediction,
+  first order at the first and (fewer than 15 steps) the last step; the Flax
+  scheduler's timesteps linspace(0, 999, n + 1) and final target t = 0."""
+  abar = _abar()
+  alpha, sigma = np.sqrt(abar), np.sqrt(1 - abar)
+  lam = np.log(alpha) - np.log(sigma)
+  ts = np.round(np.linspace(0, 999, n + 1))[::-1][:-1].astype(int)
+  prev_x0 = prev_s = None
+  for i, s in enumerate(ts):
+    t = ts[i + 1] if i + 1 < n else 0
+    x0 = (x - sigma[s] * eps_fn(x, s)) / alpha[s]
+    h = lam[t] - lam[s]
+    d = x0
+    if prev_x0 is not None and (i != n - 1 or n >= 15):
+      r0 = (lam[s] - lam[prev_s]) / h
+      d = x0 + 0.5 * (x0 - prev_x0) / r0
+    x = (sigma[t] / sigma[s]) * x - alpha[t] * np.expm1(-h) * d
+    prev_x0, prev_s = x0, s
+  return x
+
+
+_REFERENCES = {'ddim': _ddim_reference, 'pndm': _plms_reference,
+               'dpm_solver': _dpm_solver_reference}
+
+
+def _toy_reference(name, prompts, seeds, n, g, negative=''):
+  te = _TOY_PARAMS['text_encoder']
+  enc = lambda ps: _ToySD.encode_text(te, _ToySD.tokenize(ps), xp=np).astype(np.float64)
+  cond, uncond = enc(prompts), np.repeat(enc([negative]), len(prompts), 0)
+  h = _TOY_RES // 8
+  x = np.stack([np.asarray(jax.random.normal(jax.random.PRNGKey(s), (4, h, h)), np.float64)
+                for s in seeds])
+  x = _REFERENCES[name](x, lambda x, t: _toy_eps(x, t, cond, uncond, g), n)
+  return np.clip(_ToySD.decode_latents(_TOY_PARAMS['vae'], x, xp=np), -1.0, 1.0)
+
+
+@pytest.mark.parametrize('name,steps', [('ddim', 4), ('pndm', 4), ('pndm', 6),
+                                        ('dpm_solver', 4), ('dpm_solver', 20)])
+def test_solvers_match_numpy_references(name, steps):
+  sampler = sampling.Sampler(_ToySD(), resolution=_TOY_RES, scheduler=name,
+                             num_inference_steps=steps, guidance_scale=3.0, batch_size=2)
+  prompts, seeds = PROMPTS, [0, 1, 2]   # 2 chunks, the last one padded
+  got = sampler.sample(_TOY_PARAMS, prompts, seeds, negative_prompt='blue snow')
+  want = _toy_reference(name, prompts, seeds, steps, 3.0, negative='blue snow')
+  assert got.shape == (3, _TOY_RES, _TOY_RES, 3)
+  assert np.abs(want).max() > 0.3 and 0.0 < np.mean(np.abs(want) == 1.0) < 0.5  # informative
+  np.testing.assert_allclose(got, want, atol=2e-5)
+  # The solvers differ from one another by far more than that tolerance.
+  others = [_toy_reference(o, prompts, seeds, steps, 3.0, negative='blue snow')
+            for o in _REFERENCES if o != name]
+  assert min(np.abs(o - want).max() for o in others) > 1e-2
 
 
 # -- sampling --------------------------------------------------------------------
