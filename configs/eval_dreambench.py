@@ -2,15 +2,31 @@
 
 Every (subject, method) is trained with the method's config into
 <workdir>/runs/<method>/<subject>, then `images_per_prompt` images per prompt
-(seeds seed..seed+n-1, the same for every prompt and method) are generated for
-the subject's 25 DreamBench prompts and scored with DINO ViT-S/16, CLIP-I and
-CLIP-T (ViT-B/32). 4 images per prompt as in the DreamBooth paper (3000 images
-per method); the DPG code used 8 (`--config.images_per_prompt=8`). Sampling:
-PNDM, 50 steps, guidance 7.5 (the SD1.4 pipeline defaults). Kill and rerun the
-same command to continue where it stopped.
+are generated for the subject's 25 DreamBench prompts and scored with DINO
+ViT-S/16, CLIP-I and CLIP-T (ViT-B/32). Kill and rerun the same command to
+continue where it stopped.
+
+Sampling protocols (`--config=configs/eval_dreambench.py:<preset>`):
+
+  dpg (the default)  The DPG authors' `generate_images.py`, the protocol behind
+                     the paper's Table 1: PNDM, 200 steps, guidance 7.5, 8
+                     images per prompt (6000 per method), seeds from 23.
+  dreambooth         The DreamBooth paper's protocol: 4 images per prompt (3000
+                     per method). That paper names no SD sampler; we use the
+                     SD1.4 pipeline defaults, PNDM, 50 steps, guidance 7.5,
+                     seeds from 0.
+
+Seeds: image i of every prompt (and every method) starts from the noise of
+seed `seed + i` (dpg: 23, 24, ..., 30). The authors instead drew all images
+of a run from one torch generator seeded 23, so their noise also differs
+between prompts and follows torch's CUDA stream, which JAX cannot reproduce:
+"seed 23" here is the same starting seed, not the same noise. They also
+sampled in fp16; we sample in the method's `model.dtype`.
 
   python -m dpg_jax.evaluate --config=configs/eval_dreambench.py --workdir=runs/eval \
       --config.dataset_dir=/data/dreambooth/dataset
+  python -m dpg_jax.evaluate --config=configs/eval_dreambench.py:dreambooth \
+      --workdir=runs/eval_db --config.dataset_dir=/data/dreambooth/dataset
   python -m dpg_jax.evaluate --config=configs/eval_dreambench.py --workdir=runs/eval_dog \
       --config.subjects="('dog',)" --config.methods="('dreambooth',)" \
       --config.train.num_steps=200
@@ -19,9 +35,23 @@ import ml_collections
 from ml_collections import config_dict
 
 
-def get_config():
+# name -> (scheduler, steps, guidance, images per prompt, first seed); see above.
+PROTOCOLS = {
+    'dpg': ('pndm', 200, 7.5, 8, 23),
+    'dreambooth': ('pndm', 50, 7.5, 4, 0),
+}
+DEFAULT_PROTOCOL = 'dpg'
+
+
+def get_config(protocol: str | None = None):
+  """The evaluation config under sampling `protocol` (None: DEFAULT_PROTOCOL)."""
+  protocol = protocol or DEFAULT_PROTOCOL
+  if protocol not in PROTOCOLS:
+    raise ValueError(f'configs/eval_dreambench.py:{protocol}: unknown protocol; expected '
+                     f'one of {", ".join(PROTOCOLS)}.')
+  scheduler, steps, guidance, images_per_prompt, seed = PROTOCOLS[protocol]
   c = ml_collections.ConfigDict()
-  c.seed = 0                        # image i of every prompt uses seed + i
+  c.seed = seed                     # image i of every prompt uses seed + i
 
   # --- Methods: name -> training config file ('path' or 'path:arg') ------------
   c.methods = ('dreambooth', 'dreambooth_dpg')
@@ -55,13 +85,13 @@ def get_config():
   c.synthetic_class_noun = 'toy'
   c.identifier = 'sks'
   c.prompts_limit = 0               # 0 = all 25 prompts per subject
-  c.images_per_prompt = 4
+  c.images_per_prompt = images_per_prompt
 
   # --- Sampling ---------------------------------------------------------------
   c.sample = ml_collections.ConfigDict()
-  c.sample.scheduler = 'pndm'       # ddim | pndm | dpm_solver
-  c.sample.num_inference_steps = 50
-  c.sample.guidance_scale = 7.5
+  c.sample.scheduler = scheduler    # ddim | pndm | dpm_solver
+  c.sample.num_inference_steps = steps
+  c.sample.guidance_scale = guidance
   c.sample.negative_prompt = ''
   c.sample.batch_size = 8           # images per compiled call (several prompts fill it)
   c.sample.resolution = 0           # 0 = the method's data.resolution

@@ -10,6 +10,7 @@ import os
 from absl import logging
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
 
@@ -62,6 +63,33 @@ class Checkpointer:
         meta=ocp.args.JsonRestore()))
     logging.info('Restored step %d from %s', step, self.directory)
     return out.state, dict(out.meta or {})
+
+  def commit_time_ns(self, step: int) -> int:
+    """Wall-clock time (ns since the epoch) at which `step` was committed."""
+    return int(self._mgr.metadata(int(step)).commit_timestamp_nsecs)
+
+  def restore_subtree(self, step: int, key: str):
+    """state[key] of `step` alone, as host numpy arrays (e.g. 'params' to sample
+    from: the optimiser and critic states are not read)."""
+    # StandardCheckpointHandler cannot restore part of a tree; the PyTree
+    # handler reads the same on-disk format and can.
+    mgr = ocp.CheckpointManager(
+        self.directory, options=ocp.CheckpointManagerOptions(read_only=True),
+        item_handlers={'state': ocp.PyTreeCheckpointHandler(),
+                       'meta': ocp.JsonCheckpointHandler()})
+    try:
+      tree = mgr.item_metadata(int(step))['state'].tree
+      if key not in tree:
+        raise KeyError(f'{self.directory} step {step}: the saved state has no {key!r} '
+                       f'(it has {sorted(tree)}).')
+      item = {key: jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), tree[key])}
+      args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
+      out = mgr.restore(int(step), args=ocp.args.Composite(
+          state=ocp.args.PyTreeRestore(item, args, partial_restore=True)))
+    finally:
+      mgr.close()
+    logging.info('Restored %s of step %d from %s', key, step, self.directory)
+    return out.state[key]
 
   def wait(self) -> None:
     self._mgr.wait_until_finished()

@@ -8,8 +8,8 @@ reward itself never needs a gradient.
 
 Two presets (`critic_config`):
 
-  * 'faithful': the authors' code. FullyConvRegressionModel, init
-    U[0, 1/fan_in], SGD lr 0.01, raw targets. With random-init models at large t
+  * 'faithful': the authors' code. FullyConvRegressionModel with their init
+    (see `Critic`), SGD lr 0.01, raw targets. With random-init models at large t
     the residuals reach 1e2-1e3 per element and SGD diverges to inf/NaN within a
     few steps; `critic_update` reports this as `critic/nonfinite`.
   * 'robust': same architecture, Adam lr 1e-4 with global-norm clipping 1.0,
@@ -22,7 +22,7 @@ Target transforms (`cfg.target_transform`):
   * 'none': regress the raw target (the authors' choice).
   * 'normalize': keep a debiased exponential moving mean square of the target
     in the critic state (momentum `norm_momentum`) and regress target / rms.
-    Scale only, no centring: a centred target asks the U[0, 1/fan]-initialised
+    Scale only, no centring: a centred target asks the U[0, b]-initialised
     ReLU critic (positive outputs) to go negative, and in tests/test_critic.py's
     regression the centred variant stalled at the constant predictor
     (consistent with its hidden ReLUs switching off). `critic_value` maps
@@ -46,10 +46,10 @@ INPUT_KINDS = ('residual', 'x0_hat', 'eps_residual')
 TARGET_TRANSFORMS = ('none', 'normalize')
 
 
-def _uniform_fan_in(fan_in: int):
-  """U[0, 1/fan_in]: the authors' init, for kernels and biases alike."""
+def _uniform(bound: float):
+  """U[0, bound]: the authors' init, for kernels and biases alike."""
   def init(key, shape, dtype=jnp.float32):
-    return jax.random.uniform(key, shape, dtype, 0.0, 1.0 / fan_in)
+    return jax.random.uniform(key, shape, dtype, 0.0, bound)
   return init
 
 
@@ -59,6 +59,12 @@ class Critic(nn.Module):
   Conv3x3(C -> 1) -> LeakyReLU(0.01) -> flatten -> Dense(h*w -> hidden) ->
   ReLU -> Dense(hidden -> 1). 262,310 parameters for [B, 4, 64, 64] inputs.
   The flatten ties the parameter count to the latent resolution.
+
+  Init as the authors' `reward_model.py`, weights and biases alike: conv
+  U[0, 1/(3*3)] whatever the channel count (their constant is the kernel
+  area, not the fan-in 3*3*C), fc1 U[0, 1/(h*w)] (1/4096 at 64x64) and fc2
+  U[0, 1/hidden] (1/64). On an all-ones [1, 4, 64, 64] input the expected
+  initial Q is 0.511 (tests/test_critic.py derives it).
   """
   hidden: int = 64
 
@@ -66,17 +72,16 @@ class Critic(nn.Module):
   def __call__(self, x):
     """x: NCHW [B, C, h, w] -> float32 [B]."""
     x = jnp.transpose(jnp.asarray(x, jnp.float32), (0, 2, 3, 1))
-    fan = 3 * 3 * x.shape[-1]
-    x = nn.Conv(1, (3, 3), padding='SAME', kernel_init=_uniform_fan_in(fan),
-                bias_init=_uniform_fan_in(fan), name='conv')(x)
+    x = nn.Conv(1, (3, 3), padding='SAME', kernel_init=_uniform(1.0 / (3 * 3)),
+                bias_init=_uniform(1.0 / (3 * 3)), name='conv')(x)
     x = nn.leaky_relu(x, 0.01)
     x = x.reshape(x.shape[0], -1)
-    fan = x.shape[-1]
-    x = nn.Dense(self.hidden, kernel_init=_uniform_fan_in(fan),
-                 bias_init=_uniform_fan_in(fan), name='fc1')(x)
+    bound = 1.0 / x.shape[-1]
+    x = nn.Dense(self.hidden, kernel_init=_uniform(bound), bias_init=_uniform(bound),
+                 name='fc1')(x)
     x = nn.relu(x)
-    x = nn.Dense(1, kernel_init=_uniform_fan_in(self.hidden),
-                 bias_init=_uniform_fan_in(self.hidden), name='fc2')(x)
+    x = nn.Dense(1, kernel_init=_uniform(1.0 / self.hidden),
+                 bias_init=_uniform(1.0 / self.hidden), name='fc2')(x)
     return x[:, 0]
 
 

@@ -22,7 +22,18 @@ from PIL import ImageOps
 
 from dpg_jax import fileio
 
-IMAGE_EXTS = ('.jpg', '.jpeg', '.png', '.webp')
+# As dpg_jax.datasets.common.IMAGE_EXTENSIONS: both readers take the same files.
+IMAGE_EXTS = ('.jpg', '.jpeg', '.png', '.webp', '.bmp')
+# Image files a user may drop into a photo folder that `list_images` does not
+# take (Pillow reads some, e.g. .gif/.tif/.jfif/.avif; HEIC and camera raw it
+# does not): `load_images` names them in one warning instead of silence.
+OTHER_IMAGE_EXTS = (
+    '.dib', '.gif', '.apng', '.tif', '.tiff', '.jfif', '.jpe', '.jp2', '.j2k',
+    '.jpx', '.jxl', '.avif', '.avifs', '.heic', '.heif', '.ppm', '.pgm', '.pbm', '.pnm',
+    '.tga', '.ico', '.psd', '.qoi', '.pcx', '.sgi', '.dds', '.icns', '.mpo', '.svg',
+    '.exr', '.hdr', '.raw', '.dng', '.cr2', '.cr3', '.crw', '.nef', '.nrw', '.arw',
+    '.srf', '.sr2', '.orf', '.rw2', '.raf', '.pef', '.srw', '.x3f', '.3fr', '.erf',
+    '.kdc', '.mrw', '.rwl', '.iiq')
 
 DEFAULT_INSTANCE_PROMPT = 'a photo of {identifier} {class_noun}'
 DEFAULT_CLASS_PROMPT = 'a photo of {class_noun}'
@@ -61,6 +72,13 @@ def list_images(folder):
                  if not n.startswith('.') and n.lower().endswith(IMAGE_EXTS))
   return [os.path.join(folder, n) for n in names
           if os.path.isfile(os.path.join(folder, n))]
+
+
+def unread_image_files(folder):
+  """Sorted names in `folder` with an image extension that `list_images` skips."""
+  return sorted(n for n in os.listdir(folder)
+                if not n.startswith('.') and n.lower().endswith(OTHER_IMAGE_EXTS)
+                and os.path.isfile(os.path.join(folder, n)))
 
 
 def _check_folder(folder, config_key):
@@ -167,9 +185,17 @@ def load_images(folder, resolution, *, center_crop=True, seed=0,
   resolution = _check_resolution(resolution)
   _check_folder(folder, config_key)
   paths = list_images(folder)
+  unread = unread_image_files(folder)
+  skipped = (f'{len(unread)} image file(s) in formats that are not read: '
+             f'{", ".join(unread)}; convert them to PNG or JPEG to use them'
+             if unread else '')
   if not paths:
     raise DataError(f'{_where(folder, config_key)}: no images found (looked '
-                    f'for {", ".join(IMAGE_EXTS)}, any case).')
+                    f'for {", ".join(IMAGE_EXTS)}, any case)'
+                    + (f'; skipped {skipped}' if unread else '') + '.')
+  if unread:
+    warnings.warn(f'{_where(folder, config_key)}: skipping {skipped}.', DataWarning,
+                  stacklevel=2)
   images, good, bad = _load_paths(paths, resolution, center_crop=center_crop,
                                   seed=seed, config_key=config_key)
   bad_list = '; '.join(f'{p} ({why})' for p, why in bad)

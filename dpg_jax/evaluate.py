@@ -2,7 +2,12 @@
 
   python -m dpg_jax.evaluate --config=configs/eval_tiny.py --workdir=/tmp/dpg_eval_tiny
   python -m dpg_jax.evaluate --config=configs/eval_dreambench.py --workdir=runs/eval \\
-      --config.dataset_dir=/data/dreambooth/dataset --config.images_per_prompt=8
+      --config.dataset_dir=/data/dreambooth/dataset
+  python -m dpg_jax.evaluate --config=configs/eval_dreambench.py:dreambooth \\
+      --workdir=runs/eval_db --config.dataset_dir=/data/dreambooth/dataset
+
+The config's sampling protocols (the DPG authors' is the default, the
+DreamBooth paper's is ':dreambooth') are described in configs/eval_dreambench.py.
 
 Rerun the same command after a kill: finished (subject, method, prompt) units
 are kept and the evaluation continues with the next one.

@@ -15,15 +15,25 @@ A subject's score pools its prompts (every prompt has the same number of
 images, so this is also the mean of the per-prompt scores); live / object /
 overall rows are means over subjects.
 
-Work unit = (subject, method, prompt). `run` trains each (method, subject) into
-<workdir>/runs/<method>/<subject> (or reuses it once export/ exists), samples
+Work unit = (subject, method, prompt, training fingerprint). `run` trains each
+(method, subject) into <workdir>/runs/<method>/<subject> (or reuses it once
+export/ exists and was trained with the same settings), samples
 `images_per_prompt` images per prompt with seeds seed..seed+n-1, scores them
 and appends one line per finished unit to <workdir>/ledger.jsonl. A killed
 evaluation rerun with the same command continues at the first unit missing
-from the ledger. Outputs:
+from the ledger.
+
+The training fingerprint hashes the resolved training config of (method,
+subject) without the fields that cannot change the trained weights
+(`RESULT_NEUTRAL_KEYS`: logging, checkpointing, previews, devices). A changed
+training setting therefore retrains that run from scratch and redoes its
+units; the old units stay in the ledger but are not reported. A run's
+fingerprint is written to <run>/train_fingerprint.json only once it finished,
+and eval_settings.json only with the first finished unit, so a start that
+fails locks nothing in. Outputs:
 
   ledger.jsonl                      one JSON line per finished unit (+ 'real' rows)
-  images/<method>/<subject>/*.png   generated images, <prompt>_<seed>.png
+  images/<method>/<subject>/<fingerprint>/<prompt>_<seed>.png   generated images
   grids/<method>/<subject>.png      rows = prompts, columns = seeds
   results.json, results.md          per prompt / subject / group / overall
 """
@@ -62,6 +72,8 @@ REAL = 'Real images'
 GROUPS = ('live', 'object')
 LEDGER = 'ledger.jsonl'
 SETTINGS = 'eval_settings.json'
+TRAIN_FINGERPRINT = 'train_fingerprint.json'  # in a run dir: its settings, once it finished
+TRAIN_ATTEMPT = 'train_attempt.json'          # ... of the attempt in progress (resume or not)
 _REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -210,7 +222,10 @@ class Scorer:
 def record_key(record: dict) -> tuple:
   if record['kind'] == 'real':
     return ('real', record['subject'])
-  return ('prompt', record['subject'], record['method'], int(record['prompt_index']))
+  # Units of other training settings (or of ledgers older than fingerprints,
+  # None) are other units: never reused for the current settings.
+  return ('prompt', record['subject'], record['method'], int(record['prompt_index']),
+          record.get('train_fingerprint'))
 
 
 class Ledger:
@@ -507,6 +522,60 @@ def _short_hash(obj) -> str:
   return hashlib.sha1(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:10]
 
 
+# Training-config keys (and key prefixes) that cannot change the trained
+# weights: changing them reuses a finished run. Every other key, including
+# keys added later, is part of the fingerprint (a new key retrains: safe).
+RESULT_NEUTRAL_KEYS = (
+    'log_every', 'checkpoint_every', 'max_to_keep', 'sample_every', 'export',
+    # Previews and --mode=sample (class images use sample.scheduler: kept).
+    'sample.prompts', 'sample.negative_prompt', 'sample.seed', 'sample.num_images_per_prompt',
+    'sample.num_inference_steps', 'sample.guidance_scale', 'sample.batch_size',
+    'sample.source', 'sample.output_dir',
+    # How, not what, is computed.
+    'model.remat', 'model.attention', 'mesh', 'distributed', 'compilation_cache_dir')
+
+
+def _flatten(tree: dict, prefix: str = '') -> dict:
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      out.update(_flatten(v, f'{prefix}{k}.'))
+    else:
+      out[f'{prefix}{k}'] = v
+  return out
+
+
+def training_fingerprint(cfg, workdir: str) -> tuple[str, dict]:
+  """(hash, fields) of the training-config fields that affect the trained result.
+
+  Paths inside `workdir` are recorded relative to it ('$WORKDIR/...'), so a
+  moved evaluation workdir keeps its runs.
+  """
+  workdir = os.path.abspath(workdir)
+  neutral = lambda key: any(key == n or key.startswith(n + '.') for n in RESULT_NEUTRAL_KEYS)
+  portable = lambda v: v.replace(workdir, '$WORKDIR') if isinstance(v, str) else v
+  fields = {k: portable(v) for k, v in _flatten(cfg.to_dict()).items() if not neutral(k)}
+  # Round-trip through JSON: tuples become lists, as in the file it is compared with.
+  fields = json.loads(json.dumps(fields, sort_keys=True, default=str))
+  return _short_hash(fields), fields
+
+
+def _read_json(path: str):
+  if not os.path.isfile(path):
+    return None
+  try:
+    with open(path, encoding='utf-8') as f:
+      return json.load(f)
+  except ValueError:  # torn by a kill: as if absent
+    return None
+
+
+def _changed_keys(old: dict, new: dict) -> str:
+  keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+  return '; '.join(f'{k}: {old.get(k)!r} -> {new.get(k)!r}' for k in keys[:8]) + (
+      f'; and {len(keys) - 8} more' if len(keys) > 8 else '')
+
+
 def training_config(config, method: str, spec: SubjectSpec, workdir: str):
   """The training config of (method, subject): method file + overrides + subject."""
   if method not in config.method_configs:
@@ -530,7 +599,9 @@ def training_config(config, method: str, spec: SubjectSpec, workdir: str):
     # methods that share these reuse one set.
     from dpg_jax import data as data_lib  # pylint: disable=g-import-not-at-top
     class_prompt = data_lib.resolve_prompts(cfg)[1]
-    key = _short_hash([cfg.model.pretrained, cfg.model.tiny, cfg.model.revision,
+    # Workdir-relative: a moved evaluation finds its class images (and runs).
+    pretrained = cfg.model.pretrained.replace(os.path.abspath(workdir), '$WORKDIR')
+    key = _short_hash([pretrained, cfg.model.tiny, cfg.model.revision,
                        class_prompt, d.resolution, d.class_sample_steps,
                        d.class_guidance_scale, cfg.seed, cfg.sample.scheduler])
     slug = re.sub(r'\W+', '_', class_prompt).strip('_')
@@ -589,6 +660,11 @@ def eval_settings(config) -> dict:
 
 
 def _check_settings(workdir: str, settings: dict) -> None:
+  """Refuses settings other than those of the units already in the workdir.
+
+  The file is written with the first finished unit (`Evaluator._record`), not
+  here: a start that fails before any unit leaves the settings free.
+  """
   path = os.path.join(workdir, SETTINGS)
   if os.path.exists(path):
     with open(path) as f:
@@ -599,8 +675,6 @@ def _check_settings(workdir: str, settings: dict) -> None:
       raise ValueError(f'--workdir {workdir} holds an evaluation with other settings '
                        f'({"; ".join(diff)}); its units would not be comparable. Use a '
                        'new --workdir or the old settings.')
-  else:
-    fileio.atomic_write_text(path, json.dumps(settings, indent=1, sort_keys=True))
 
 
 def make_scorer(config, workdir: str) -> Scorer:
@@ -682,6 +756,7 @@ class Evaluator:
     self._mesh = None
     self.specs, self.missing = [], []
     self.prompts, self.units = {}, []
+    self.train_configs, self.fingerprints = {}, {}  # (method, subject) -> cfg, (hash, fields)
 
   @property
   def scorer(self) -> Scorer:
@@ -712,7 +787,13 @@ class Evaluator:
     limit = self.config.prompts_limit or None
     self.prompts = {s.subject.name: s.subject.prompts(self.config.identifier)[:limit]
                     for s in self.specs}
-    self.units = [('prompt', s.subject.name, m, i) for s in self.specs for m in self.methods
+    for spec in self.specs:
+      for m in self.methods:
+        cfg = training_config(self.config, m, spec, self.workdir)
+        self.train_configs[m, spec.subject.name] = cfg
+        self.fingerprints[m, spec.subject.name] = training_fingerprint(cfg, self.workdir)
+    self.units = [('prompt', s.subject.name, m, i, self.fingerprints[m, s.subject.name][0])
+                  for s in self.specs for m in self.methods
                   for i in range(len(self.prompts[s.subject.name]))]
     n_done = sum(u in self.ledger for u in self.units)
     logging.info('Evaluating %d subjects x %d methods: %d units, %d already done.',
@@ -737,15 +818,10 @@ class Evaluator:
     subject = spec.subject
     name = subject.name
     refs = None
-    if ('real', name) not in self.ledger:
-      refs = self._references(subject)
-      self.ledger.append({'kind': 'real', 'subject': name, 'live': subject.live,
-                          'class_noun': subject.class_noun,
-                          'num_images': len(subject.images),
-                          **self.scorer.real_images(refs)})
     for method in self.methods:
-      prompts = self.prompts[name]
-      todo = [i for i in range(len(prompts)) if ('prompt', name, method, i) not in self.ledger]
+      prompts, fp = self.prompts[name], self.fingerprints[method, name][0]
+      todo = [i for i in range(len(prompts))
+              if ('prompt', name, method, i, fp) not in self.ledger]
       grid_path = os.path.join(self.workdir, 'grids', method, f'{name}.png')
       if todo:
         bar.set_description(f'eval {method}/{name}')
@@ -753,27 +829,62 @@ class Evaluator:
         self._method(spec, method, todo, refs, bar)
       if todo or not os.path.exists(grid_path):
         write_grid(self.workdir, self._records(name, method), grid_path)
+    # After the methods: a first training that fails records nothing.
+    if ('real', name) not in self.ledger:
+      refs = refs or self._references(subject)
+      self._record({'kind': 'real', 'subject': name, 'live': subject.live,
+                    'class_noun': subject.class_noun, 'num_images': len(subject.images),
+                    **self.scorer.real_images(refs)})
 
   def _references(self, subject) -> References:
     with self.timer('score_references', len(subject.images)):
       return self.scorer.references(subject.images)
 
+  def _record(self, record: dict) -> None:
+    """Appends a finished unit; the first one also fixes the workdir's settings."""
+    path = os.path.join(self.workdir, SETTINGS)
+    if not os.path.exists(path):
+      fileio.atomic_write_text(path, json.dumps(self.settings, indent=1, sort_keys=True))
+    self.ledger.append(record)
+
   def _records(self, subject: str, method: str) -> list[dict]:
-    return [r for r in self.ledger.values() if r['kind'] == 'prompt'
-            and r['subject'] == subject and r['method'] == method]
+    fp = self.fingerprints[method, subject][0]
+    return [r for r in self.ledger.values() if r['kind'] == 'prompt' and r['subject'] == subject
+            and r['method'] == method and r.get('train_fingerprint') == fp]
 
   def _trained_run(self, cfg, method: str, name: str) -> str:
-    """<workdir>/runs/<method>/<subject>, trained unless its export exists."""
+    """<workdir>/runs/<method>/<subject>, trained unless finished with these settings.
+
+    A run dir left by other training settings (finished, or an attempt that
+    stopped) is deleted and trained from scratch: resuming it would mix them.
+    """
     run_dir = os.path.join(self.workdir, 'runs', method, name)
     export_dir = os.path.join(run_dir, 'export')
-    if os.path.isfile(os.path.join(export_dir, 'model_index.json')):
+    fp, fields = self.fingerprints[method, name]
+    finished = _read_json(os.path.join(run_dir, TRAIN_FINGERPRINT))
+    exported = os.path.isfile(os.path.join(export_dir, 'model_index.json'))
+    if exported and finished is not None and finished.get('fingerprint') == fp:
       logging.info('Reusing the finished run %s', run_dir)
     else:
+      previous = finished or _read_json(os.path.join(run_dir, TRAIN_ATTEMPT))
+      if os.path.isdir(run_dir) and (previous or {}).get('fingerprint') != fp:
+        why = ('no record of its training settings' if previous is None else
+               'other training settings (' + _changed_keys(previous.get('config', {}), fields)
+               + ')')
+        logging.warning('%s was trained with %s: deleting it and training %s on %s anew.',
+                        run_dir, why, method, name)
+        shutil.rmtree(run_dir)
+      os.makedirs(run_dir, exist_ok=True)
+      record = json.dumps({'fingerprint': fp, 'config': fields}, indent=1, sort_keys=True)
+      # Read only to decide resume vs. restart of a stopped attempt; never refuses.
+      fileio.atomic_write_text(os.path.join(run_dir, TRAIN_ATTEMPT), record)
       logging.info('Training %s on %s into %s', method, name, run_dir)
       with self.timer('train', 1):
         self.train_fn(cfg, run_dir)
       if not os.path.isfile(os.path.join(export_dir, 'model_index.json')):
         raise RuntimeError(f'Training {method} on {name} left no pipeline in {export_dir}.')
+      fileio.atomic_write_text(os.path.join(run_dir, TRAIN_FINGERPRINT), record)
+      os.remove(os.path.join(run_dir, TRAIN_ATTEMPT))
     if not self.config.keep_checkpoints:
       # The export holds the final weights; checkpoints only serve resuming.
       shutil.rmtree(os.path.join(run_dir, 'checkpoints'), ignore_errors=True)
@@ -787,13 +898,15 @@ class Evaluator:
     config, s = self.config, self.config.sample
     subject, name = spec.subject, spec.subject.name
     prompts, seeds, ipp = self.prompts[name], self.seeds, len(self.seeds)
-    cfg = training_config(config, method, spec, self.workdir)
+    cfg = self.train_configs[method, name]
     run_dir = self._trained_run(cfg, method, name)
     export_dir = os.path.join(run_dir, 'export')
     with self.timer('load_model'):
-      sd, params = sample_lib.load_trained(run_dir, cfg)
+      sd, params, _ = sample_lib.load_trained(run_dir, cfg)
     sampler = self._sampler(sd, export_dir, s.resolution or cfg.data.resolution)
-    out_dir = os.path.join(self.workdir, 'images', method, name)
+    # One folder per training fingerprint: other settings' units keep their files.
+    image_dir = os.path.join('images', method, name, self.fingerprints[method, name][0])
+    out_dir = os.path.join(self.workdir, image_dir)
     # Several prompts per sampler call fill its batch; each is recorded alone.
     per_call = max(1, s.batch_size // ipp)
     for c in range(0, len(todo), per_call):
@@ -809,11 +922,12 @@ class Evaluator:
         clip_t_prompt = rewards.strip_identifier(prompts[i], config.identifier)
         with self.timer('score', ipp):
           scores = self.scorer.score(imgs, clip_t_prompt, refs)
-        self.ledger.append({
+        self._record({
             'kind': 'prompt', 'subject': name, 'method': method, 'prompt_index': i,
+            'train_fingerprint': self.fingerprints[method, name][0],
             'prompt': prompts[i], 'clip_t_prompt': clip_t_prompt, 'live': subject.live,
             'class_noun': subject.class_noun, 'seeds': seeds, 'num_images': ipp,
-            'files': [os.path.join('images', method, name, n) for n in names], **scores})
+            'files': [os.path.join(image_dir, n) for n in names], **scores})
         bar.update(1)
     if not config.keep_exports:
       shutil.rmtree(export_dir, ignore_errors=True)

@@ -1,9 +1,11 @@
 """The `--mode=sample` driver: images for prompts from a trained run.
 
 Source (`sample.source`, default the --workdir): an exported pipeline directory
-(diffusers layout), or a workdir — its `export/` (or `export_torch/`) if present,
-else the base model of its config with the trainable weights of its latest
-checkpoint.
+(diffusers layout), or a workdir. A workdir samples its newest trained state:
+the latest checkpoint (the base model of its config with the checkpoint's
+trainable weights) if it was committed after `export/` (or `export_torch/`) was written (a resumed
+run that has not reached its end yet), else `export/`. The log and
+manifest.json say which was used and its training step.
 
   python -m dpg_jax.main --mode=sample --config=configs/tiny.py --workdir=/tmp/dpg_tiny \\
       --config.sample.prompts="('a sks toy on the moon',)" --config.sample.scheduler=dpm_solver
@@ -17,9 +19,8 @@ import re
 
 from absl import logging
 import jax
-import numpy as np
-import orbax.checkpoint as ocp
 
+from dpg_jax import checkpoint as ckpt_lib
 from dpg_jax import models
 from dpg_jax import sampling
 from dpg_jax import sharding
@@ -29,38 +30,69 @@ def _is_pipeline_dir(path: str) -> bool:
   return os.path.isfile(os.path.join(path, 'model_index.json'))
 
 
-def load_trained(source: str, config):
-  """(sd, params) of a pipeline dir or a training workdir."""
+def _latest_checkpoint(workdir: str):
+  """(checkpoints dir, latest step, its commit time in ns), or None."""
+  ckpt_dir = os.path.join(workdir, 'checkpoints')
+  if not os.path.isdir(ckpt_dir):
+    return None
+  ckpt = ckpt_lib.Checkpointer(ckpt_dir, async_save=False)
+  try:
+    step = ckpt.latest_step()
+    return None if step is None else (ckpt.directory, int(step), ckpt.commit_time_ns(step))
+  finally:
+    ckpt.close()
+
+
+def newest_trained(source: str) -> dict:
+  """The weights `load_trained` reads: {'weights', 'path', 'step'}.
+
+  weights: 'pipeline' (source is one; step unknown, None), 'export' or
+  'checkpoint' (the newer of <source>/export and its latest checkpoint).
+  """
   if not os.path.isdir(source):
     raise FileNotFoundError(f'config key sample.source / --workdir: {source} does not exist.')
   if _is_pipeline_dir(source):
-    path = source
-  elif _is_pipeline_dir(os.path.join(source, 'export')):
-    path = os.path.join(source, 'export')
-  elif _is_pipeline_dir(os.path.join(source, 'export_torch')):  # export_format='torch'
-    path = os.path.join(source, 'export_torch')
-  else:
-    path = None
-  if path is not None:
-    return models.load_stable_diffusion(path, dtype=config.model.dtype,
-                                        attention=config.model.attention)
-  ckpt_dir = os.path.join(source, 'checkpoints')
-  if not os.path.isdir(ckpt_dir):
+    return {'weights': 'pipeline', 'path': source, 'step': None}
+  export = os.path.join(source, 'export')
+  if not _is_pipeline_dir(export):   # export_format='torch' writes only export_torch/
+    export = os.path.join(source, 'export_torch')
+  latest = _latest_checkpoint(source)
+  if _is_pipeline_dir(export):
+    exported_ns = os.stat(os.path.join(export, 'model_index.json')).st_mtime_ns
+    if latest is None or latest[2] <= exported_ns:
+      # Training exports its final state right after checkpointing it: an
+      # export newer than the latest checkpoint holds that checkpoint's step.
+      return {'weights': 'export', 'path': export,
+              'step': None if latest is None else latest[1]}
+  if latest is None:
     raise FileNotFoundError(
         f'{source} holds no exported pipeline (model_index.json or export/) and no '
-        'checkpoints/ directory: train first or point sample.source at a pipeline.')
-  from dpg_jax import train  # pylint: disable=g-import-not-at-top
-  sd, params = train.load_model(config, source)
-  mgr = ocp.CheckpointManager(os.path.abspath(ckpt_dir))
-  step = mgr.latest_step()
-  if step is None:
-    raise FileNotFoundError(f'{ckpt_dir} has no finished checkpoint.')
-  restored = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-  trained = restored.state['params']
-  params = dict(params)
-  params.update({k: jax.tree.map(np.asarray, v) for k, v in trained.items()})
-  logging.info('Loaded trainable weights of step %d from %s', step, ckpt_dir)
-  return sd, params
+        'finished checkpoint in checkpoints/: train first or point sample.source at a '
+        'pipeline.')
+  return {'weights': 'checkpoint', 'path': latest[0], 'step': latest[1]}
+
+
+def load_trained(source: str, config):
+  """(sd, params, info) of the newest trained state of `source` (see newest_trained)."""
+  info = newest_trained(source)
+  if info['weights'] != 'checkpoint':
+    sd, params = models.load_stable_diffusion(info['path'], dtype=config.model.dtype,
+                                              attention=config.model.attention)
+  else:
+    from dpg_jax import train  # pylint: disable=g-import-not-at-top
+    sd, params = train.load_model(config, source)
+    ckpt = ckpt_lib.Checkpointer(info['path'], async_save=False)
+    try:
+      params = dict(params, **ckpt.restore_subtree(info['step'], 'params'))
+    finally:
+      ckpt.close()
+  logging.info('Sampling the %s %s (training step %s)', info['weights'], info['path'],
+               _step_text(info['step']))
+  return sd, params, info
+
+
+def _step_text(step) -> str:
+  return 'unknown' if step is None else str(step)
 
 
 def _slug(text: str) -> str:
@@ -71,7 +103,7 @@ def sample_and_save(config, workdir: str) -> str:
   s = config.sample
   source = s.source or workdir
   out_dir = s.output_dir or os.path.join(workdir, 'samples', 'generated')
-  sd, params = load_trained(source, config)
+  sd, params, info = load_trained(source, config)
   mesh = sharding.make_mesh(config.mesh.data)
   sampler = sampling.Sampler(sd, resolution=config.data.resolution, scheduler=s.scheduler,
                              num_inference_steps=s.num_inference_steps,
@@ -94,7 +126,10 @@ def sample_and_save(config, workdir: str) -> str:
     chunk = images[pi * s.num_images_per_prompt:(pi + 1) * s.num_images_per_prompt]
     sampling.save_grid(chunk, os.path.join(out_dir, f'grid_{pi:03d}_{_slug(prompt)}.png'))
   with open(os.path.join(out_dir, 'manifest.json'), 'w') as f:
-    json.dump({'source': source, 'scheduler': s.scheduler, 'steps': s.num_inference_steps,
+    json.dump({'source': source, 'weights': info['weights'], 'weights_path': info['path'],
+               'train_step': info['step'], 'scheduler': s.scheduler,
+               'steps': s.num_inference_steps,
                'guidance_scale': s.guidance_scale, 'images': manifest}, f, indent=1)
-  logging.info('Wrote %d images to %s', len(images), out_dir)
+  logging.info('Wrote %d images of training step %s to %s', len(images),
+               _step_text(info['step']), out_dir)
   return out_dir

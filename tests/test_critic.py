@@ -45,14 +45,51 @@ def robust8():
   return _state('robust', 8)
 
 
-def test_init_is_uniform_zero_to_inverse_fan_in(faithful64):
-  fans = {'conv': 4 * 3 * 3, 'fc1': 64 * 64, 'fc2': 64}
-  for layer, fan in fans.items():
+# The authors' reward_model.py, FullyConvRegressionModel: every layer's weight
+# and bias is U[0, b] with these constants (conv: 1/(3*3), NOT / 4 channels).
+AUTHORS_BOUNDS = {'conv': 1 / (3 * 3), 'fc1': 1 / (64 * 64), 'fc2': 1 / 64}
+
+
+def test_init_matches_authors_bounds(faithful64):
+  assert set(faithful64.params) == set(AUTHORS_BOUNDS)
+  for layer, bound in AUTHORS_BOUNDS.items():
+    assert set(faithful64.params[layer]) == {'kernel', 'bias'}, layer
     for name, x in faithful64.params[layer].items():
       x = np.asarray(x)
-      assert x.min() >= 0.0 and x.max() <= 1.0 / fan, (layer, name)
-      if x.size > 16:  # really spread over the range, not a constant
-        assert x.max() > 0.8 / fan and x.min() < 0.2 / fan, (layer, name)
+      assert x.min() >= 0.0 and x.max() <= bound, (layer, name, x.max(), bound)
+      if x.size > 16:  # spread over the whole range, not a smaller one
+        assert x.max() > 0.9 * bound and x.min() < 0.1 * bound, (layer, name)
+        # Mean of n U[0, b] draws: b / 2 with standard error b / sqrt(12 n).
+        assert abs(x.mean() - bound / 2) < 4 * bound / np.sqrt(12 * x.size), (layer, name)
+
+
+def _expected_initial_q_on_ones(hw=64, channels=4, hidden=64):
+  """E[Q(ones)] over the init, in closed form.
+
+  Every weight is >= 0 on all-ones input, so LeakyReLU and ReLU are the
+  identity and Q is a sum of products of independent uniforms: E[Q] follows
+  from E[U[0, b]] = b / 2 layer by layer. A conv output sums the in-bounds
+  taps ('SAME' padding: 3 per axis inside, 2 at a border) of the C channels.
+  """
+  taps = (3 * hw - 2) ** 2 * channels / hw ** 2        # mean in-bounds taps per position
+  conv = (taps + 1) * AUTHORS_BOUNDS['conv'] / 2       # weights + bias
+  fc1 = (hw * hw * conv + 1) * AUTHORS_BOUNDS['fc1'] / 2
+  return (hidden * fc1 + 1) * AUTHORS_BOUNDS['fc2'] / 2
+
+
+def test_initial_q_on_all_ones_residual_is_the_authors():
+  module, x = critic_lib.Critic(), jnp.ones((1, 4, 64, 64))
+  expected = _expected_initial_q_on_ones()
+  np.testing.assert_allclose(expected, 0.5114, atol=1e-4)
+  # Monte Carlo over 128 inits: the mean within 4 standard errors of E[Q].
+  q = jax.jit(jax.vmap(lambda k: module.apply(module.init(k, x), x)[0]))(
+      jax.random.split(jax.random.key(0), 128))
+  q = np.asarray(q)
+  se = q.std() / np.sqrt(q.size)
+  assert abs(q.mean() - expected) < 4 * se, (q.mean(), expected, se)
+  # The seed spread (std ~0.06) covers the authors' ~0.58 as one draw; the
+  # old 1/36 conv bound had E[Q] = 0.134, far outside it.
+  assert abs(0.58 - q.mean()) < 2 * q.std() and q.min() > 0.134 + 2 * se
 
 
 def test_outputs_are_float32_per_example(robust8):

@@ -1,9 +1,11 @@
 """Tests for dpg_jax.data (host-side subject pipeline)."""
 import os
 import re
+import warnings
 
 import numpy as np
 from PIL import Image
+from PIL import ImageOps
 import pytest
 
 from configs import default as default_config
@@ -96,11 +98,15 @@ def test_modes_convert_to_rgb(tmp_path):
   np.testing.assert_array_equal(images[1][:, :20], np.full((40, 20, 3),
                                                            (10, 200, 30)))
   np.testing.assert_array_equal(images[1][:, 20:], 255)  # Alpha over white.
-  assert images[2].std() > 30  # Palette image decoded, not a flat fill.
-  red = images[3].reshape(-1, 3).mean(0)
-  assert red[0] > 200 and red[1] < 60 and red[2] < 60, red
-  # 16-bit gray keeps its ramp instead of clipping to white.
-  assert images[4][0, 0, 0] == 0 and 140 < images[4][0, -1, 0] < 160
+  # Palette and CMYK: decoded as PIL decodes them (not a flat fill).
+  pil_rgb = lambda name: np.asarray(Image.open(tmp_path / name).convert('RGB'))
+  np.testing.assert_array_equal(images[2], pil_rgb('c_pal.png'))
+  assert len(np.unique(images[2].reshape(-1, 3), axis=0)) > 64
+  np.testing.assert_array_equal(images[3], pil_rgb('d_cmyk.jpg'))
+  np.testing.assert_allclose(images[3].reshape(-1, 3).mean(0), (255, 0, 0), atol=3)
+  # 16-bit gray keeps its ramp (v / 257, rounded) instead of clipping to white.
+  ramp = np.round(np.arange(40) * 1000 / 257.0).astype(np.uint8)
+  np.testing.assert_array_equal(images[4], np.broadcast_to(ramp[None, :, None], (40, 40, 3)))
 
 
 def test_random_crop_deterministic_in_seed(tmp_path):
@@ -146,6 +152,41 @@ def test_errors_name_path_and_config_key(tmp_path):
     data.load_images(str(empty), 0)
 
 
+def test_unread_image_formats_named_in_one_warning(tmp_path):
+  folder = _folder(tmp_path, n=2)
+  _save(folder / 'real.bmp', _noise(40, 40))   # read, as dpg_jax.datasets does
+  for name in ('IMG_1.HEIC', 'scan.tif', 'shot.cr2', 'a.gif', 'dl.jfif', 'notes.txt',
+               '._x.heic'):
+    (folder / name).write_bytes(b'')
+  (folder / 'dir.tiff').mkdir()
+  with warnings.catch_warnings(record=True) as record:
+    warnings.simplefilter('always')
+    images, paths = data.load_images(str(folder), 32)
+  assert [os.path.basename(p) for p in paths] == ['00.png', '01.png', 'real.bmp']
+  assert images.shape == (3, 32, 32, 3)
+  messages = [str(w.message) for w in record if issubclass(w.category, data.DataWarning)]
+  assert len(messages) == 1, messages
+  assert messages[0] == (
+      f'data.instance_dir={str(folder)!r}: skipping 5 image file(s) in formats that are not '
+      'read: IMG_1.HEIC, a.gif, dl.jfif, scan.tif, shot.cr2; convert them to PNG or JPEG to '
+      'use them.')
+  # Only unread formats: the error names them too.
+  for p in paths:
+    os.remove(p)
+  with pytest.raises(data.DataError, match=r'no images found.*skipped 5 image file\(s\)'
+                     r'.*IMG_1\.HEIC.*shot\.cr2'):
+    data.load_images(str(folder), 32)
+
+
+def test_no_warning_without_unread_formats(tmp_path):
+  folder = _folder(tmp_path, n=2)
+  (folder / 'notes.txt').write_bytes(b'')
+  with warnings.catch_warnings():
+    warnings.simplefilter('error', data.DataWarning)
+    data.load_images(str(folder), 32)
+  assert data.unread_image_files(str(folder)) == []
+
+
 def test_corrupt_file_skipped_with_warning(tmp_path):
   folder = _folder(tmp_path, n=2)
   (folder / 'bad.jpg').write_bytes(b'not an image at all')
@@ -183,7 +224,15 @@ def test_small_image_upscaled_with_warning(tmp_path):
 def test_dreambench_dog():
   images, paths = data.load_images(DREAMBENCH_DOG, 64)
   assert images.shape == (len(paths), 64, 64, 3) and len(paths) >= 4
-  assert 20 < images.mean() < 235 and images.std() > 10
+  for image, path in zip(images, paths):  # PIL: EXIF, shortest side 64 (Lanczos), centre
+    with Image.open(path) as im:
+      im = ImageOps.exif_transpose(im).convert('RGB')
+    w, h = im.size
+    s = 64 / min(w, h)
+    nw, nh = max(64, round(w * s)), max(64, round(h * s))
+    im = im.resize((nw, nh), Image.LANCZOS)
+    left, top = (nw - 64) // 2, (nh - 64) // 2
+    np.testing.assert_array_equal(image, np.asarray(im.crop((left, top, left + 64, top + 64))))
 
 
 # -- synthetic subject ---------------------------------------------------------

@@ -203,7 +203,7 @@ def test_ledger_drops_torn_and_duplicate_lines(tmp_path):
     f.write(json.dumps(RECORDS[0]) + '\n')   # a duplicate
     f.write(json.dumps(RECORDS[1])[:-7])      # killed mid-write
   ledger = evaluation.Ledger(path)
-  assert sorted(ledger.records) == [('prompt', 'dog', 'a', 0), ('real', 'dog')]
+  assert sorted(ledger.records) == [('prompt', 'dog', 'a', 0, None), ('real', 'dog')]
   with open(path) as f:
     assert len(f.read().splitlines()) == 2    # repaired on disk
   ledger.append(RECORDS[1])
@@ -270,7 +270,14 @@ class _Killed(Exception):
   pass
 
 
-def test_driver_resumes_without_duplicates_or_recompute(tmp_path, tiny_sd_dir, monkeypatch):
+def _np_self_excluded(e):
+  n = len(e)
+  return float(np.mean([_unit(e[i]) @ _unit(e[j]) for i in range(n) for j in range(n) if i != j]))
+
+
+def test_driver_resumes_without_duplicates_or_recompute(tmp_path, tiny_sd_dir, monkeypatch,
+                                                        scorer):
+  monkeypatch.setattr(evaluation, 'make_scorer', lambda config, workdir: scorer)
   workdir = str(tmp_path / 'eval')
   calls = {'train': [], 'sample': 0, 'score': 0, 'kill_at': 3}
 
@@ -301,8 +308,8 @@ def test_driver_resumes_without_duplicates_or_recompute(tmp_path, tiny_sd_dir, m
   assert calls['sample'] == 3 and calls['score'] == 2 and len(calls['train']) == 2
   with open(os.path.join(workdir, evaluation.LEDGER)) as f:
     first = f.read()
-  assert [json.loads(l)['kind'] for l in first.splitlines()] == ['real', 'prompt', 'prompt',
-                                                                 'real']
+  # A subject's real-image row follows its methods' units.
+  assert [json.loads(l)['kind'] for l in first.splitlines()] == ['prompt', 'prompt', 'real']
 
   calls.update(sample=0, score=0, kill_at=-1)
   results = evaluation.run(config, workdir, train_fn=train_fn)
@@ -313,22 +320,29 @@ def test_driver_resumes_without_duplicates_or_recompute(tmp_path, tiny_sd_dir, m
   assert second.startswith(first)
   keys = [evaluation.record_key(json.loads(l)) for l in second.splitlines()]
   assert len(keys) == len(set(keys)) == 6
+  fps = {s: json.load(open(os.path.join(workdir, 'runs', 'tiny', s,
+                                         evaluation.TRAIN_FINGERPRINT)))['fingerprint']
+         for s in ('synthetic0', 'synthetic1')}
   assert sorted(k for k in keys if k[0] == 'prompt') == [
-      ('prompt', s, 'tiny', i) for s in ('synthetic0', 'synthetic1') for i in (0, 1)]
+      ('prompt', s, 'tiny', i, fps[s]) for s in ('synthetic0', 'synthetic1') for i in (0, 1)]
 
   assert results['incomplete_units'] == 0 and results['missing_subjects'] == []
   assert [(r['subject'], r['prompt_index']) for r in results['per_prompt']] == [
       ('synthetic0', 0), ('synthetic0', 1), ('synthetic1', 0), ('synthetic1', 1)]
   for r in results['per_prompt']:
     assert 'sks' in r['prompt'] and r['clip_t_prompt'] == r['prompt'].replace('sks ', '')
-    assert r['seeds'] == [0, 1] and len(r['per_image']['dino']) == 2
+    assert r['seeds'] == [23, 24] and len(r['per_image']['dino']) == 2  # the default protocol
     for f in r['files']:
       assert os.path.isfile(os.path.join(workdir, f))
   for s in ('synthetic0', 'synthetic1'):
     row = results['per_subject'][s]
     recs = [r for r in results['per_prompt'] if r['subject'] == s]
     assert row['tiny']['dino'] == pytest.approx(np.mean([r['dino'] for r in recs]))
-    assert -1 <= row[evaluation.REAL]['dino'] <= 1
+    photos = Subject.from_folder(os.path.join(workdir, 'subjects', s), 'toy').images
+    refs = scorer.references(photos)
+    assert row[evaluation.REAL]['dino'] == pytest.approx(_np_self_excluded(refs.dino), abs=1e-5)
+    assert row[evaluation.REAL]['clip_i'] == pytest.approx(_np_self_excluded(refs.clip), abs=1e-5)
+    assert row[evaluation.REAL]['num_images'] == len(photos) == 5
     assert os.path.isfile(os.path.join(workdir, 'grids', 'tiny', f'{s}.png'))
   with open(os.path.join(workdir, 'results.json')) as f:
     assert json.load(f)['overall'] == results['overall']
@@ -360,3 +374,114 @@ def test_driver_trains_tiny_end_to_end(tmp_path):
   assert not (run_dir / 'checkpoints').exists()  # keep_checkpoints=False
   assert results['overall']['tiny']['num_subjects'] == 1
   assert all(np.isfinite(results['overall']['tiny'][k]) for k in evaluation.METRICS)
+
+
+def test_eval_protocol_presets():
+  authors = evaluation.load_config_file('configs/eval_dreambench.py')  # the default
+  assert authors.to_dict() == evaluation.load_config_file(
+      'configs/eval_dreambench.py:dpg').to_dict()
+  s = authors.sample
+  assert (s.scheduler, s.num_inference_steps, s.guidance_scale) == ('pndm', 200, 7.5)
+  assert authors.images_per_prompt == 8 and authors.seed == 23
+  assert evaluation.eval_settings(authors)['seed'] == 23
+  db = evaluation.load_config_file('configs/eval_dreambench.py:dreambooth')
+  assert db.images_per_prompt == 4 and db.seed == 0
+  assert (db.sample.scheduler, db.sample.num_inference_steps) == ('pndm', 50)
+  with pytest.raises(ValueError, match='eval_dreambench.py:imagen: unknown protocol'):
+    evaluation.load_config_file('configs/eval_dreambench.py:imagen')
+
+
+def test_training_fingerprint_ignores_only_result_neutral_keys(tmp_path):
+  spec = _subject_spec(tmp_path)
+  config = _driver_config()
+  cfg = evaluation.training_config(config, 'tiny', spec, str(tmp_path))
+  fp, fields = evaluation.training_fingerprint(cfg, str(tmp_path))
+  assert fields['learning_rate'] == cfg.learning_rate and 'log_every' not in fields
+  assert fields['data.instance_dir'] == '$WORKDIR/photos'   # workdir-relative
+  assert not any(k.startswith(('mesh.', 'sample.prompts')) for k in fields)
+  assert fields['sample.scheduler'] == cfg.sample.scheduler  # class images use it
+
+  def fingerprint(**changes):
+    c = evaluation.training_config(config, 'tiny', spec, str(tmp_path))
+    for key, value in changes.items():
+      node, *path = key.split('.')
+      target = c[node] if path else c
+      target[path[0] if path else node] = value
+    return evaluation.training_fingerprint(c, str(tmp_path))[0]
+
+  assert fingerprint() == fp
+  for neutral in [{'log_every': 3}, {'checkpoint_every': 7}, {'sample.num_inference_steps': 9},
+                  {'model.remat': True}, {'mesh.data': 1}]:
+    assert fingerprint(**neutral) == fp, neutral
+  for relevant in [{'learning_rate': 3e-4}, {'num_steps': 31}, {'seed': 1},
+                   {'sample.scheduler': 'pndm'}, {'data.class_noun': 'dog'}]:
+    assert fingerprint(**relevant) != fp, relevant
+  # The same evaluation moved elsewhere: the same fingerprint.
+  moved = evaluation.SubjectSpec(spec.subject, {'instance_dir': str(tmp_path / 'b' / 'photos')})
+  c = evaluation.training_config(config, 'tiny', moved, str(tmp_path / 'b'))
+  assert evaluation.training_fingerprint(c, str(tmp_path / 'b'))[0] == fp
+
+
+def test_failed_start_locks_nothing_and_changed_training_retrains(tmp_path, tiny_sd_dir,
+                                                                  monkeypatch, scorer, caplog):
+  monkeypatch.setattr(evaluation, 'make_scorer', lambda config, workdir: scorer)
+  workdir = str(tmp_path / 'eval')
+  run_dir = os.path.join(workdir, 'runs', 'tiny', 'synthetic0')
+  calls = {'train': [], 'fail': True}
+
+  def train_fn(cfg, run):
+    calls['train'].append(cfg.learning_rate)
+    if calls['fail']:  # dies mid-training, leaving a partial run
+      with open(os.path.join(run, 'partial.txt'), 'a') as f:
+        f.write('x')
+      raise _Killed()
+    shutil.copytree(tiny_sd_dir, os.path.join(run, 'export'))
+
+  config = _driver_config()
+  config.synthetic_subjects = 1
+  config.prompts_limit = 1
+  config.train.learning_rate = 1e-4
+  for _ in range(2):  # the same settings twice: the stopped attempt is resumed
+    with pytest.raises(_Killed):
+      evaluation.run(config, workdir, train_fn=train_fn)
+  assert calls['train'] == [1e-4, 1e-4]
+  with open(os.path.join(run_dir, 'partial.txt')) as f:
+    assert f.read() == 'xx'
+  assert not os.path.exists(os.path.join(run_dir, evaluation.TRAIN_FINGERPRINT))
+  assert not os.path.exists(os.path.join(workdir, evaluation.SETTINGS))
+  assert not os.path.exists(os.path.join(workdir, evaluation.LEDGER))
+
+  # Other sampling and training settings after the failed start: accepted,
+  # and the partial run of the old training settings is not resumed.
+  calls['fail'] = False
+  config.sample.num_inference_steps = 1
+  config.train.learning_rate = 3e-4
+  with caplog.at_level('WARNING'):
+    first = evaluation.run(config, workdir, train_fn=train_fn)
+  assert calls['train'][2:] == [3e-4]
+  assert not os.path.exists(os.path.join(run_dir, 'partial.txt'))
+  assert 'learning_rate: 0.0001 -> 0.0003' in caplog.text
+  with open(os.path.join(run_dir, evaluation.TRAIN_FINGERPRINT)) as f:
+    done = json.load(f)
+  assert done['config']['learning_rate'] == 3e-4
+  assert [r['train_fingerprint'] for r in first['per_prompt']] == [done['fingerprint']]
+  assert not os.path.exists(os.path.join(run_dir, evaluation.TRAIN_ATTEMPT))
+
+  # A result-neutral change reuses the run and its units.
+  config.train.checkpoint_every = 7
+  assert evaluation.run(config, workdir, train_fn=train_fn)['per_prompt'] == first['per_prompt']
+  assert len(calls['train']) == 3
+
+  # A training setting changed: retrained, and its old units are not reused.
+  config.train.learning_rate = 2e-4
+  second = evaluation.run(config, workdir, train_fn=train_fn)
+  assert calls['train'][3:] == [2e-4]
+  new_fp = second['per_prompt'][0]['train_fingerprint']
+  assert len(second['per_prompt']) == 1 and new_fp != done['fingerprint']
+  ledger = evaluation.Ledger(os.path.join(workdir, evaluation.LEDGER))
+  prompt_fps = [r['train_fingerprint'] for r in ledger.values() if r['kind'] == 'prompt']
+  assert prompt_fps == [done['fingerprint'], new_fp]   # the old unit stays, unreported
+  # Each unit keeps its own images (same tiny SD here, so equal pixels, other files).
+  old_files, new_files = first['per_prompt'][0]['files'], second['per_prompt'][0]['files']
+  assert set(old_files).isdisjoint(new_files)
+  assert all(os.path.isfile(os.path.join(workdir, f)) for f in old_files + new_files)

@@ -127,25 +127,44 @@ def _image_batch(images, **kw):
                              images=jnp.asarray(images, jnp.float32) / 127.5 - 1.0, **kw)
 
 
-def test_dino_reward_zero_for_itself_and_within_range(tiny_encoders):
+def _unit(x):
+  x = np.asarray(x, np.float64)
+  return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def _np_cosine_cost(emb, ref):
+  """1 - cos, float64: the reference for rewards.cosine_cost."""
+  return 1.0 - np.sum(_unit(emb) * _unit(ref), axis=-1)
+
+
+def _embed(encoder, images):
+  """The encoder's own image embeddings of uint8 images (float64, host)."""
+  enc, params = encoder
+  return np.asarray(jax.jit(enc.embed_images)(params, jnp.asarray(images)), np.float64)
+
+
+def test_dino_reward_is_one_minus_cosine_to_the_references(tiny_encoders):
   dino, _ = tiny_encoders
   refs, others = _images(0), _images(1)
-  ids = jnp.array([0, 1])
+  ids = jnp.array([1, 0])  # each image against the other's reference
   ctx = rewards.RewardContext(reference_images=refs, dino=dino, reference_mode='per_image')
   rs = rewards.build_rewards('dino:0.1', ctx)
   assert rs.needs_images and rs.terms[0].critic_input == 'x0_hat'
   costs = jax.jit(rs.costs)
-  same = costs(rs.aux, _image_batch(refs, ref_ids=ids))['dino']
+  same = costs(rs.aux, _image_batch(refs, ref_ids=jnp.array([0, 1])))['dino']
   np.testing.assert_allclose(same, 0.0, atol=1e-5)
-  other = costs(rs.aux, _image_batch(others, ref_ids=ids))['dino']
-  r = np.asarray(rewards.paper_reward(other))
-  assert np.all(r >= -2.0) and np.all(r <= 0.0) and np.all(r < -1e-4)
-  # Mean mode: the mean of one photo's embeddings is that photo's: 0 again.
-  ctx = rewards.RewardContext(reference_images=refs[[0, 0]], dino=dino)
+  e_ref, e_other = _embed(dino, refs), _embed(dino, others)
+  other = np.asarray(costs(rs.aux, _image_batch(others, ref_ids=ids))['dino'])
+  want = _np_cosine_cost(e_other, e_ref[[1, 0]])
+  np.testing.assert_allclose(other, want, atol=1e-5)
+  assert want.min() > 1e-3  # random images: clearly not the zero of `same`
+  np.testing.assert_array_equal(rewards.paper_reward(other), -other)
+  # Mean mode: the reference is the mean of the photos' unit embeddings.
+  ctx = rewards.RewardContext(reference_images=refs, dino=dino)
   rs = rewards.build_rewards('dino', ctx)
-  out = jax.jit(rs.costs)(rs.aux, _image_batch(np.concatenate([refs[:1], others[:1]])))
-  np.testing.assert_allclose(out['dino'][0], 0.0, atol=1e-5)
-  assert 0.0 < out['dino'][1] <= 2.0
+  out = jax.jit(rs.costs)(rs.aux, _image_batch(others))
+  np.testing.assert_allclose(out['dino'], _np_cosine_cost(e_other, _unit(e_ref).mean(0)),
+                             atol=1e-5)
 
 
 @pytest.mark.parametrize('direct', [False, True])
@@ -173,8 +192,12 @@ def test_clip_rewards(tiny_encoders):
   out = jax.jit(rs.costs)(rs.aux, _image_batch(refs, ref_ids=jnp.array([0, 1]),
                                                prompt_ids=jnp.array([0, 1])))
   np.testing.assert_allclose(out['clip_image'], 0.0, atol=1e-5)
-  r = np.asarray(rewards.paper_reward(out['clip_text']))
-  assert np.all(np.isfinite(r)) and np.all(r >= -2.0) and np.all(r <= 0.0)
+  enc, params = clip
+  text = np.asarray(jax.jit(enc.text_features)(params, enc.tokenize(['a photo of dog'])),
+                    np.float64)
+  want = _np_cosine_cost(_embed(clip, refs), text)
+  np.testing.assert_allclose(out['clip_text'], want, atol=1e-5)
+  assert want.min() > 1e-3
 
 
 def test_image_rewards_need_models_and_references():
