@@ -526,13 +526,15 @@ def _short_hash(obj) -> str:
 # weights: changing them reuses a finished run. Every other key, including
 # keys added later, is part of the fingerprint (a new key retrains: safe).
 RESULT_NEUTRAL_KEYS = (
-    'log_every', 'checkpoint_every', 'max_to_keep', 'sample_every', 'export',
+    'log_every', 'checkpoint_every', 'max_to_keep', 'sample_every', 'export', 'export_format',
+    'export_fp16',
     # Previews and --mode=sample (class images use sample.scheduler: kept).
     'sample.prompts', 'sample.negative_prompt', 'sample.seed', 'sample.num_images_per_prompt',
     'sample.num_inference_steps', 'sample.guidance_scale', 'sample.batch_size',
     'sample.source', 'sample.output_dir',
     # How, not what, is computed.
-    'model.remat', 'model.attention', 'mesh', 'distributed', 'compilation_cache_dir')
+    'model.remat', 'model.remat_policy', 'model.attention', 'grad_accum_unroll', 'mesh',
+    'distributed', 'compilation_cache_dir')
 
 
 def _flatten(tree: dict, prefix: str = '') -> dict:
@@ -590,6 +592,7 @@ def training_config(config, method: str, spec: SubjectSpec, workdir: str):
   d.identifier = config.identifier
   d.class_noun = spec.subject.class_noun
   cfg.export = True  # the evaluation samples from <run>/export
+  cfg.export_format = 'flax'  # a PyTorch copy per run would cost 3.4 GB at SD1.4 size
   if cfg.model.tiny and not cfg.model.pretrained:
     # One tiny base model for all runs instead of one per run directory.
     cfg.model.pretrained = os.path.join(workdir, 'pretrained',
