@@ -228,6 +228,11 @@ def bench_variant(config, sd, params, workdir, sd14: bool = False):
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   flops = float((cost or {}).get('flops', float('nan')))
+  mem = compiled.memory_analysis()   # XLA's own account of the step's buffers
+  gib = lambda name: float(getattr(mem, name, float('nan'))) / 2**30 if mem else float('nan')
+  xla_mem = {'xla_args_gib': gib('argument_size_in_bytes'),
+             'xla_temp_gib': gib('temp_size_in_bytes'),
+             'xla_alias_gib': gib('alias_size_in_bytes')}
   box = {'state': state, 'metrics': None}
 
   def run_step(i: int) -> float:
@@ -249,7 +254,7 @@ def bench_variant(config, sd, params, workdir, sd14: bool = False):
     return {'compile_s': compile_s, 's_per_step': med, 'images_per_s': images / med,
             'peak_mem_gib': mem / 2**30, 'mem_kind': mem_kind, 'gflop_per_step': flops / 1e9,
             'tflop_per_s': flops / med / 1e12, 'mfu': flops / med / 1e12 / peak,
-            'loss_finite': bool(box['metrics']['finite'])}
+            'loss_finite': bool(box['metrics']['finite']), **xla_mem}
 
   return run_step, summary
 
@@ -387,7 +392,8 @@ def main(argv):
             f'attention={config.model.attention} opt_state={config.optimizer_state_dtype}')
   print('\n' + header)
   print_table(rows, ('variant', 'compile_s', 's_per_step', 'images_per_s', 'peak_mem_gib',
-                     'gflop_per_step', 'tflop_per_s', 'mfu', 'step_ratio_vs_first', 'error'))
+                     'xla_args_gib', 'xla_temp_gib', 'xla_alias_gib', 'gflop_per_step',
+                     'tflop_per_s', 'mfu', 'step_ratio_vs_first', 'error'))
   peers = []
   if _PEER.value:
     sd_shapes = sd14_random(config.model.dtype, False, 'standard', abstract=True)[0] if sd14 \
