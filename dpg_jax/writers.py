@@ -1,8 +1,14 @@
-"""Metric and image writers: JSON lines + TensorBoard, from process 0 only."""
+"""Metric and image writers: JSON lines + TensorBoard, from process 0 only.
+
+Both survive a kill: a metrics.jsonl line torn mid-write is dropped on read,
+TensorBoard events are flushed at every log step, and a resumed run purges
+the events a killed run logged past its checkpoint (no doubled curve points).
+"""
 import json
 import os
 import time
 
+from absl import logging
 import jax
 import numpy as np
 
@@ -25,7 +31,10 @@ class MetricWriter:
         fileio.atomic_write_text(path, ''.join(json.dumps(r) + '\n' for r in keep))
       self._jsonl = open(path, 'a', encoding='utf-8')
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      self._tb = SummaryWriter(os.path.join(workdir, 'tb'))
+      # purge_step: events at steps > resume_step (logged by the killed run
+      # after its last checkpoint) are hidden, as they are logged again.
+      self._tb = SummaryWriter(os.path.join(workdir, 'tb'),
+                               purge_step=None if resume_step is None else int(resume_step) + 1)
 
   def scalars(self, step: int, scalars: dict) -> None:
     if not self.enabled:
@@ -37,10 +46,12 @@ class MetricWriter:
       self._tb.add_scalar(k, v, int(step))
     self._jsonl.write(json.dumps(row) + '\n')
     self._jsonl.flush()
+    self._tb.flush()  # a killed run keeps every logged point
 
   def image(self, step: int, tag: str, image_uint8: np.ndarray) -> None:
     if self.enabled:
       self._tb.add_image(tag, np.asarray(image_uint8), int(step), dataformats='HWC')
+      self._tb.flush()
 
   def flush(self) -> None:
     if self.enabled:
@@ -54,12 +65,30 @@ class MetricWriter:
 
 
 def read_metrics(workdir: str) -> list[dict]:
-  """The rows of <workdir>/metrics.jsonl (for tests, notebooks, the evaluator)."""
+  """The rows of <workdir>/metrics.jsonl (for tests, notebooks, the evaluator).
+
+  A line that does not parse (torn by a kill mid-write, or garbled) is dropped
+  with one warning, as the evaluation ledger does.
+  """
   path = os.path.join(workdir, 'metrics.jsonl')
   if not os.path.exists(path):
     return []
-  with open(path, encoding='utf-8') as f:
-    return [json.loads(line) for line in f if line.strip()]
+  with open(path, encoding='utf-8', errors='replace') as f:
+    lines = [line for line in f.read().split('\n') if line.strip()]
+  rows, bad = [], 0
+  for line in lines:
+    try:
+      row = json.loads(line)
+    except ValueError:
+      bad += 1
+      continue
+    if isinstance(row, dict) and isinstance(row.get('step'), int):
+      rows.append(row)
+    else:
+      bad += 1
+  if bad:
+    logging.warning('%s: dropping %d torn or unreadable line(s).', path, bad)
+  return rows
 
 
 class Chrono:
