@@ -6,8 +6,8 @@ We add guards of our own:
 - a state with a NaN/inf never becomes a checkpoint (a diverged run must not
   poison the resume);
 - a failed write (disk full) is one error naming the step, the path and the
-  bytes free, its temporary directory is removed, and Orbax's background
-  traceback is not repeated;
+  bytes free, Orbax's background traceback is not repeated, and its
+  temporary directory (never a resume point) is removed at the next start;
 - `restore_latest` skips a corrupt or partial newest step (warning, naming it),
   moves it aside, and resumes from the newest intact one.
 """
@@ -95,6 +95,8 @@ class Checkpointer:
         self.directory,
         options=ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, create=True,
+            # Temporary dirs of saves that died (killed, disk full) go at start.
+            cleanup_tmp_directories=True,
             enable_async_checkpointing=async_save))
     self._async = async_save
     self._pending = None          # step of the save in flight (async)
@@ -220,9 +222,8 @@ class Checkpointer:
     step, self._pending = self._pending, None
     held = list(self._filter.held)
     self._hold_orbax_errors(False)
-    for name in os.listdir(self.directory) if os.path.isdir(self.directory) else ():
-      if name.startswith(f'{step}.') and 'tmp' in name and jax.process_index() == 0:
-        shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+    # Its temporary directory is never listed as a step; other writers of it
+    # may still run, so it is removed at the next start (cleanup_tmp_directories).
     self._mgr.reload()
     path = self.step_dir(step)
     if _is_disk_full(exc):
