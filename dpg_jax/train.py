@@ -489,6 +489,18 @@ def _prepare_latents(config, workdir, sd, params, images, samplers):
   return latents, prompt_batch, instance_prompt
 
 
+def _to_host(tree):
+  """A host copy (np.array copies: nothing aliases the device buffers after)."""
+  return jax.tree.map(np.array, tree)
+
+
+def _replicated(tree, mesh):
+  """Replicated on the mesh; on one process the loaded arrays move, not copy."""
+  if jax.process_count() == 1:
+    return jax.device_put(tree, sharding.replicated(mesh))
+  return sharding.put_replicated(tree, mesh)
+
+
 def _on_mesh_once(tree, frozen_params, mesh):
   """Replicated step inputs; arrays that are `frozen_params`' leaves are reused."""
   own = {id(x) for x in jax.tree.leaves(frozen_params)}
@@ -521,15 +533,18 @@ def set_up(config: ml_collections.ConfigDict, workdir: str) -> Run:
     if config.dpg.enabled:
       dpg = dpg_lib.DPG.build(config, sd, images, [instance_prompt], workdir)
     spec = make_step_spec(sd, config, dpg)
-    trainable = {'unet': params.pop('unet')}
+    # The state gets the trainable weights from a host copy, so the loaded
+    # device copy is freed here (create_sharded_state reads them on the host
+    # anyway); the frozen rest is placed once and shared by the step, the
+    # previews and the export.
+    trainable = {'unet': _to_host(params.pop('unet'))}
     if config.train_text_encoder:
-      trainable['text_encoder'] = params.pop('text_encoder')
+      trainable['text_encoder'] = _to_host(params.pop('text_encoder'))
     state, state_sh = create_sharded_state(spec, trainable, jax.random.PRNGKey(config.seed),
                                            mesh, config.mesh.param_sharding)
-    # The state holds its own copy of the trainable weights; the frozen rest is
-    # placed once, replicated, and is what previews, export and the step share.
-    frozen_params = sharding.put_replicated(params, mesh)
-    del trainable, params
+    del trainable
+    frozen_params = _replicated(params, mesh)
+    del params
     step_frozen = frozen_sh = None
     if dpg is not None:
       step_frozen = _on_mesh_once(dpg.frozen_inputs(frozen_params), frozen_params, mesh)

@@ -320,8 +320,11 @@ def test_set_up_keeps_only_the_state_and_one_frozen_copy(tiny_sd, tiny_sd_dir, t
     new = [x for x in jax.live_arrays() if id(x) not in known]
     want = jax.tree.leaves(run.state) + jax.tree.leaves(run.frozen_params) + [run.rng]
     nbytes = lambda xs: sum(x.nbytes for x in xs)
-    assert sorted(map(id, new)) == sorted(map(id, want)), (
-        f'{len(new)} new arrays ({nbytes(new)} B), expected {len(want)} ({nbytes(want)} B)')
+    assert {id(x) for x in want} <= {id(x) for x in new}
+    # Besides them only constants (a schedule table, PRNG keys: 4 KB here); the
+    # loaded UNet (1.6 MB) or a second VAE / text encoder would show.
+    extra = [x for x in new if id(x) not in {id(y) for y in want}]
+    assert nbytes(extra) <= 8192, [(x.shape, x.dtype) for x in extra][:10]
     _, params = tiny_sd
     assert sorted(run.frozen_params) == ['text_encoder', 'vae']
     assert nbytes(jax.tree.leaves(run.frozen_params)) == nbytes(
