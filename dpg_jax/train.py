@@ -283,11 +283,10 @@ def validate_config(config) -> None:
   lr = config.learning_rate
   if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
     raise ValueError(f'config key learning_rate={lr!r}: expected a finite number > 0.')
-  for key, what in (('checkpoint_every', 'only at the end'), ('log_every', 'only at the end'),
-                    ('sample_every', 'only at the end')):
+  for key in ('checkpoint_every', 'log_every', 'sample_every'):
     v = config[key]
     if not isinstance(v, int) or v < 0:
-      raise ValueError(f'config key {key}={v!r}: expected an integer >= 0 (0 = {what}).')
+      raise ValueError(f'config key {key}={v!r}: expected an integer >= 0 (0 = only at the end).')
   if not isinstance(config.max_to_keep, int) or config.max_to_keep < 1:
     raise ValueError(f'config key max_to_keep={config.max_to_keep!r}: expected an integer '
                      '>= 1 (checkpoints kept on disk; the newest is the resume point).')
