@@ -501,11 +501,10 @@ def _replicated(tree, mesh):
 
 
 def _on_mesh_once(tree, frozen_params, mesh):
-  """Replicated step inputs; arrays that are `frozen_params`' leaves are reused."""
+  """Replicated step inputs; `frozen_params`' own leaves are reused, not copied
+  (the VAE), the rest is placed as `_replicated` does (reward encoders)."""
   own = {id(x) for x in jax.tree.leaves(frozen_params)}
-  repl = sharding.replicated(mesh)
-  return jax.tree.map(lambda x: x if id(x) in own else sharding.put_global(np.asarray(x), repl),
-                      tree)
+  return jax.tree.map(lambda x: x if id(x) in own else _replicated(x, mesh), tree)
 
 
 def set_up(config: ml_collections.ConfigDict, workdir: str) -> Run:
