@@ -215,7 +215,10 @@ class Checkpointer:
     except Exception as e:  # pylint: disable=broad-except
       raise self._failed(e) from None
     self._pending = None
+    held = list(self._filter.held)
     self._hold_orbax_errors(False)
+    for record in held:  # logged by a save that still succeeded: show them
+      std_logging.getLogger('absl').handle(record)
 
   def _failed(self, exc: BaseException) -> CheckpointError:
     """One CheckpointError for a failed write; leaves nothing to resume from."""
