@@ -57,6 +57,10 @@ def _is_disk_full(exc: BaseException) -> bool:
   return False
 
 
+def _is_out_of_memory(exc: BaseException) -> bool:
+  return isinstance(exc, MemoryError) or 'RESOURCE_EXHAUSTED' in str(exc)
+
+
 def _bytes_free(path: str) -> str:
   while path and not os.path.exists(path):
     path = os.path.dirname(path)
@@ -158,6 +162,8 @@ class Checkpointer:
       try:
         state, meta = self.restore(step, target)
       except Exception as e:  # pylint: disable=broad-except
+        if _is_out_of_memory(e):
+          raise  # the checkpoint is fine; the device is too small for it
         bad.append(self._set_aside(step, e))
         continue
       return step, state, meta
