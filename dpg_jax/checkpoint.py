@@ -15,7 +15,6 @@ import errno
 import logging as std_logging
 import os
 import shutil
-import threading
 import time
 
 from absl import logging
@@ -57,30 +56,47 @@ def _is_disk_full(exc: BaseException) -> bool:
   return False
 
 
+def _record_disk_full(record: std_logging.LogRecord) -> bool:
+  if record.exc_info and record.exc_info[1] is not None and _is_disk_full(record.exc_info[1]):
+    return True
+  try:
+    return 'No space left on device' in record.getMessage()
+  except Exception:  # pylint: disable=broad-except
+    return False
+
+
 def _is_out_of_memory(exc: BaseException) -> bool:
   return isinstance(exc, MemoryError) or 'RESOURCE_EXHAUSTED' in str(exc)
 
 
-def _bytes_free(path: str) -> str:
+def _free_bytes(path: str) -> int | None:
   while path and not os.path.exists(path):
     path = os.path.dirname(path)
   try:
-    return f'{shutil.disk_usage(path).free:,} bytes free'
+    return shutil.disk_usage(path).free
   except OSError:
-    return 'free space unknown'
+    return None
 
 
-class _DropReportedErrors(std_logging.Filter):
-  """Orbax logs a background save failure with its full traceback, then raises
-  it again at the next wait; we raise one line instead, so while a save is in
-  flight its error records are held back (only those: other logs pass)."""
+class _OrbaxErrors(std_logging.Filter):
+  """Orbax logs a background save failure with its full traceback, from several
+  threads, and raises it again at the next wait; we raise one line instead.
+  While a save is in flight its error records are held (shown once it is
+  known not to be a disk-full failure), and after a reported disk-full failure
+  the other writers' ENOSPC records are dropped. Other records pass."""
 
   def __init__(self):
     super().__init__()
+    self.holding = False
+    self.drop_disk_full = False
     self.held = []
 
   def filter(self, record):
-    if record.levelno >= std_logging.ERROR and '/orbax/' in (record.pathname or ''):
+    if record.levelno < std_logging.ERROR or '/orbax/' not in (record.pathname or ''):
+      return True
+    if self.drop_disk_full and _record_disk_full(record):
+      return False
+    if self.holding:
       self.held.append(record)
       return False
     return True
@@ -104,8 +120,9 @@ class Checkpointer:
             enable_async_checkpointing=async_save))
     self._async = async_save
     self._pending = None          # step of the save in flight (async)
-    self._filter = _DropReportedErrors()
-    self._lock = threading.Lock()
+    self._pending_bytes = 0       # ... and the bytes of its state
+    self._filter = _OrbaxErrors()
+    std_logging.getLogger('absl').addFilter(self._filter)
 
   # -- reading ------------------------------------------------------------------
   def latest_step(self):
@@ -198,6 +215,7 @@ class Checkpointer:
     self.wait()  # a failed earlier save is reported as that save's error
     self._hold_orbax_errors(True)
     self._pending = int(step)
+    self._pending_bytes = sum(int(getattr(x, 'nbytes', 0)) for x in jax.tree.leaves(state))
     try:
       self._mgr.save(int(step), args=ocp.args.Composite(
           state=ocp.args.StandardSave(state),
@@ -221,24 +239,30 @@ class Checkpointer:
     except Exception as e:  # pylint: disable=broad-except
       raise self._failed(e) from None
     self._pending = None
-    held = list(self._filter.held)
-    self._hold_orbax_errors(False)
-    for record in held:  # logged by a save that still succeeded: show them
+    for record in self._hold_orbax_errors(False):  # logged by a save that still succeeded: show them
       std_logging.getLogger('absl').handle(record)
 
   def _failed(self, exc: BaseException) -> CheckpointError:
     """One CheckpointError for a failed write; leaves nothing to resume from."""
     step, self._pending = self._pending, None
-    held = list(self._filter.held)
-    self._hold_orbax_errors(False)
+    path = self.step_dir(step)
+    # Orbax may surface a follow-on error (its clean-up of the half-written
+    # directory racing the other writers) instead of the ENOSPC: the held
+    # records and the free space tell too. Decided while still holding, so no
+    # writer's record slips out in between.
+    free = _free_bytes(self.directory)
+    disk_full = (_is_disk_full(exc) or any(_record_disk_full(r) for r in self._filter.held)
+                 or (free is not None and free < self._pending_bytes))
+    self._filter.drop_disk_full |= disk_full
+    held = self._hold_orbax_errors(False)
     # Its temporary directory is never listed as a step; other writers of it
     # may still run, so it is removed at the next start (cleanup_tmp_directories).
     self._mgr.reload()
-    path = self.step_dir(step)
-    if _is_disk_full(exc):
+    if disk_full:
       return CheckpointError(
           f'checkpoint of step {step} to {path} failed: no space left on device '
-          f'({_bytes_free(self.directory)}); nothing was kept of it, the resume point is '
+          f'({"unknown" if free is None else f"{free:,}"} bytes free, the state is '
+          f'{self._pending_bytes:,} bytes); nothing was kept of it, the resume point is '
           f'step {self.latest_step()}. Free space or point --workdir elsewhere.')
     for record in held:  # not a known cause: keep Orbax's traceback, once
       std_logging.getLogger('absl').handle(record)
@@ -247,14 +271,11 @@ class Checkpointer:
         f'{str(exc).splitlines()[0][:300] if str(exc) else ""}); the resume point is '
         f'step {self.latest_step()}.')
 
-  def _hold_orbax_errors(self, on: bool) -> None:
-    logger = std_logging.getLogger('absl')
-    with self._lock:
-      if on and self._filter not in logger.filters:
-        logger.addFilter(self._filter)
-      elif not on:
-        logger.removeFilter(self._filter)
-        self._filter.held.clear()
+  def _hold_orbax_errors(self, on: bool) -> list:
+    """Starts holding Orbax's error records, or stops and returns those held."""
+    self._filter.holding = on
+    held, self._filter.held = self._filter.held, []
+    return held
 
   def close(self) -> None:
     """Waits for the save in flight (raising if it failed), then releases Orbax."""
@@ -262,3 +283,4 @@ class Checkpointer:
       self.wait()
     finally:
       self._mgr.close()
+      std_logging.getLogger('absl').removeFilter(self._filter)

@@ -104,21 +104,27 @@ def test_check_meta_refuses_before_restoring(tmp_path):
 def test_disk_full_is_one_error_naming_step_path_and_free_bytes(tmp_path, monkeypatch, caplog):
   """ENOSPC in the async writer: one CheckpointError, nothing half-written kept."""
   from orbax.checkpoint._src.handlers import json_checkpoint_handler as jh  # pylint: disable=g-import-not-at-top
+  from orbax.checkpoint._src.serialization import serialization  # pylint: disable=g-import-not-at-top
   d = str(tmp_path / 'ck')
   ck = ckpt_lib.Checkpointer(d)            # async, as in the loop
   ck.save(1, _state(1), {'step': 1})
   ck.wait()
 
-  async def disk_full(self, x, directory):
-    raise OSError(errno.ENOSPC, 'No space left on device', str(directory))
+  async def disk_full(*args, **kwargs):
+    raise OSError(errno.ENOSPC, 'No space left on device')
+  # A full disk fails every writer: the JSON meta and the array data.
   monkeypatch.setattr(jh.JsonCheckpointHandler, '_save_fn', disk_full)
+  monkeypatch.setattr(serialization, 'async_serialize_from_host', disk_full)
+  usage = shutil.disk_usage(d)
+  monkeypatch.setattr(ckpt_lib.shutil, 'disk_usage', lambda p: usage._replace(free=4096))
   with caplog.at_level(logging.INFO):
     ck.save(2, _state(2), {'step': 2})     # returns: the write fails in the background
     with pytest.raises(ckpt_lib.CheckpointError) as err:
       ck.save(3, _state(3), {'step': 3})   # ... and is reported here, as step 2's
   msg = str(err.value)
-  assert msg.startswith(f'checkpoint of step 2 to {d}/2 failed: no space left on device (')
-  assert 'bytes free' in msg and 'the resume point is step 1' in msg
+  assert msg == (f'checkpoint of step 2 to {d}/2 failed: no space left on device (4,096 '
+                 'bytes free, the state is 16,396 bytes); nothing was kept of it, the resume '
+                 'point is step 1. Free space or point --workdir elsewhere.')
   assert '\n' not in msg and err.value.__cause__ is None and err.value.__suppress_context__
   # Orbax's own traceback of the failure is not printed beside ours.
   assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
