@@ -62,7 +62,7 @@ def get_config():
   # lax.scan (smaller program, but XLA:CPU runs backward convolutions inside
   # loops ~10x slower). 0 forces the scan even for one micro-batch (benchmark).
   c.grad_accum_unroll = 8
-  c.learning_rate = 1e-6
+  c.learning_rate = 1e-6           # finite, > 0
   c.lr_schedule = 'constant'       # constant | cosine | linear
   c.warmup_steps = 0
   c.adam_b1 = 0.9
@@ -98,6 +98,7 @@ def get_config():
 
   # --- Sampling (previews during training and `--mode=sample`) ----------------
   c.sample = ml_collections.ConfigDict()
+  # Placeholders in prompts and prompt templates: {identifier}, {class_noun} only.
   c.sample.prompts = ('a photo of {identifier} {class_noun}',
                       'a {identifier} {class_noun} on the beach')
   c.sample.negative_prompt = ''
@@ -111,9 +112,14 @@ def get_config():
   c.sample.output_dir = ''         # --mode=sample: '' = <workdir>/samples
 
   # --- Loop side effects ------------------------------------------------------
+  # Cadences in steps, each an integer >= 0; 0 = only at the end. SIGTERM/SIGINT
+  # also save the current step (exit code 143/130; rerun to resume). A resume
+  # may change these, num_steps, sample.* and mesh.*; a change of any key that
+  # shapes the state or the result (model, data, rewards, optimiser, ...) is
+  # refused: see dpg_jax/run_config.py.
   c.log_every = 10
   c.checkpoint_every = 250
-  c.max_to_keep = 2
+  c.max_to_keep = 2                # >= 1; the newest intact one is the resume point
   c.sample_every = 500             # 0 = only at the end; sample.prompts=() = never
   c.export = True                  # export the fine-tuned pipeline at the end of training:
   c.export_format = 'both'         # flax: <workdir>/export | torch: <workdir>/export_torch | both

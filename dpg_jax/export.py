@@ -86,6 +86,12 @@ def save_torch_pipeline(out_dir, sd: models.StableDiffusion, params, *, fp16=Fal
   return models.replace_dir(out_dir, write)
 
 
+def export_paths(workdir, export_format='both') -> list[str]:
+  """Where `export_pipeline` writes, in order."""
+  kinds = {'flax': ('flax',), 'torch': ('torch',), 'both': ('flax', 'torch')}[export_format]
+  return [os.path.join(workdir, DIRS[k]) for k in kinds]
+
+
 def export_pipeline(workdir, sd: models.StableDiffusion, params, *, export_format='both',
                     fp16=False) -> list[str]:
   """Writes the exports `export_format` asks for under `workdir`; their paths."""

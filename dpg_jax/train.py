@@ -8,7 +8,12 @@ update (Algorithm 1; `dpg_jax/dpg.py`) from the same UNet forward pass.
 """
 import dataclasses
 import functools
+import gc
+import json
+import math
 import os
+import shutil
+import string
 import time
 from typing import Any
 
@@ -26,8 +31,11 @@ from dpg_jax import data as data_lib
 from dpg_jax import diffusion
 from dpg_jax import dpg as dpg_lib
 from dpg_jax import export as export_lib
+from dpg_jax import fileio
 from dpg_jax import models
 from dpg_jax import optimizer as optimizer_lib
+from dpg_jax import preemption
+from dpg_jax import run_config
 from dpg_jax import sampling
 from dpg_jax import sharding
 from dpg_jax import writers
@@ -278,6 +286,22 @@ def check_workdir(workdir: str) -> str:
   return workdir
 
 
+_PLACEHOLDERS = ('identifier', 'class_noun')
+
+
+def _check_template(key: str, template: str) -> None:
+  """Every {field} of a prompt template is one format_prompt fills."""
+  try:
+    fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+  except ValueError as e:  # unmatched brace
+    raise ValueError(f'config key {key}={template!r}: {e} (write {{{{ and }}}} for a '
+                     'literal brace).') from None
+  unknown = [f for f in fields if f not in _PLACEHOLDERS]
+  if unknown:
+    raise ValueError(f'config key {key}={template!r}: unknown placeholder '
+                     f'{{{unknown[0]}}}; expected only {{identifier}} and {{class_noun}}.')
+
+
 def validate_config(config) -> None:
   """Cheap checks that fail before any model load or compile."""
   if config.num_steps < 0:
@@ -286,6 +310,16 @@ def validate_config(config) -> None:
     raise ValueError(f'config key batch_size={config.batch_size}: expected >= 1.')
   if config.grad_accum_steps < 1:
     raise ValueError(f'config key grad_accum_steps={config.grad_accum_steps}: expected >= 1.')
+  lr = config.learning_rate
+  if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+    raise ValueError(f'config key learning_rate={lr!r}: expected a finite number > 0.')
+  for key in ('checkpoint_every', 'log_every', 'sample_every'):
+    v = config[key]
+    if not isinstance(v, int) or v < 0:
+      raise ValueError(f'config key {key}={v!r}: expected an integer >= 0 (0 = only at the end).')
+  if not isinstance(config.max_to_keep, int) or config.max_to_keep < 1:
+    raise ValueError(f'config key max_to_keep={config.max_to_keep!r}: expected an integer '
+                     '>= 1 (checkpoints kept on disk; the newest is the resume point).')
   if config.data.resolution % 8:
     raise ValueError(f'config key data.resolution={config.data.resolution}: expected a '
                      'multiple of 8 (the VAE downsamples by 8).')
@@ -298,12 +332,16 @@ def validate_config(config) -> None:
   if config.sample.scheduler not in sampling.SCHEDULERS:
     raise ValueError(f'config key sample.scheduler={config.sample.scheduler!r}: expected one of '
                      f'{sorted(sampling.SCHEDULERS)}.')
-  export_lib.check_config(config)
   n_inst = sum(1 for x in (config.data.instance_dir, config.data.subject, config.data.synthetic) if x)
   if n_inst != 1:
     raise ValueError('exactly one of config keys data.instance_dir, data.subject, '
                      f'data.synthetic must be set (got {n_inst}).')
+  _check_template('data.instance_prompt', config.data.instance_prompt)
+  _check_template('data.class_prompt', config.data.class_prompt)
+  for i, p in enumerate(config.sample.prompts):
+    _check_template(f'sample.prompts[{i}]', p)
   optimizer_lib.make_optimizer(config)  # raises naming a bad optimiser key
+  export_lib.check_config(config)
   if config.dpg.enabled:
     dpg_lib.validate_config(config)
 
@@ -314,11 +352,15 @@ def resolve_pretrained(config, workdir: str) -> str:
     path = config.model.pretrained or os.path.join(workdir, 'pretrained_tiny')
     if jax.process_index() == 0:
       tiny.build_tiny_sd(path, spec=config.model.tiny, seed=config.seed)
-    if jax.process_count() > 1:  # the others read what process 0 wrote
-      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-      multihost_utils.sync_global_devices('dpg_jax:tiny_sd_built')
+    _sync('dpg_jax:tiny_sd_built')  # the others read what process 0 wrote
     return path
   return config.model.pretrained
+
+
+def _sync(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(name)
 
 
 def load_model(config, workdir: str):
@@ -329,20 +371,54 @@ def load_model(config, workdir: str):
       remat_policy=config.model.remat_policy)
 
 
+_SOURCE_MARKER = '.source.json'
+
+
+def _workdir_subject_folder(workdir: str, source: dict) -> tuple[str, bool]:
+  """<workdir>/instance_images for `source`; (folder, up to date).
+
+  A folder written for another source (a switched data.subject, or a synthetic
+  subject before) is emptied first: two subjects' photos never mix.
+  """
+  folder = os.path.join(workdir, 'instance_images')
+  marker = os.path.join(folder, _SOURCE_MARKER)
+  try:
+    with open(marker, encoding='utf-8') as f:
+      current = json.load(f) == source
+  except (OSError, ValueError):
+    current = False
+  if not current and os.path.isdir(folder) and os.listdir(folder):
+    logging.warning('%s holds photos of another source than %s: replacing them.',
+                    folder, json.dumps(source))
+    shutil.rmtree(folder)
+  return folder, current
+
+
+def _mark_subject_folder(folder: str, source: dict) -> None:
+  fileio.atomic_write_text(os.path.join(folder, _SOURCE_MARKER), json.dumps(source) + '\n')
+
+
 def load_instance_images(config, workdir: str):
   """The subject's photos: synthetic, a dataset subject, or a folder."""
   d = config.data
   folder, key = d.instance_dir, 'data.instance_dir'
-  if d.synthetic:
-    folder, key = os.path.join(workdir, 'instance_images'), 'data.synthetic'
-    data_lib.make_synthetic_subject(folder, resolution=d.resolution, seed=config.seed)
-  elif d.subject:
-    from dpg_jax import datasets  # pylint: disable=g-import-not-at-top
-    subject = datasets.load_subject(d.subject, dataset=d.dataset,
-                                    manual_dir=d.dataset_dir or None)
-    # export() writes the photos with their licence/attribution files.
-    folder, key = os.path.join(workdir, 'instance_images'), 'data.subject'
-    subject.export(folder)
+  if d.synthetic or d.subject:
+    source = ({'synthetic': True} if d.synthetic else
+              {'dataset': d.dataset, 'subject': d.subject})
+    key = 'data.synthetic' if d.synthetic else 'data.subject'
+    if jax.process_index() == 0:
+      folder, _ = _workdir_subject_folder(workdir, source)
+      if d.synthetic:  # reuses a complete set with the same seed and resolution
+        data_lib.make_synthetic_subject(folder, resolution=d.resolution, seed=config.seed)
+      else:
+        from dpg_jax import datasets  # pylint: disable=g-import-not-at-top
+        subject = datasets.load_subject(d.subject, dataset=d.dataset,
+                                        manual_dir=d.dataset_dir or None)
+        # export() writes the photos with their licence/attribution files.
+        subject.export(folder)
+      _mark_subject_folder(folder, source)
+    _sync('dpg_jax:instance_images')
+    folder = os.path.join(workdir, 'instance_images')
   return data_lib.load_images(folder, d.resolution, center_crop=d.center_crop,
                               seed=config.seed, min_images=d.min_instance_images,
                               config_key=key)
@@ -370,29 +446,43 @@ class _SamplerCache:
     return self._cache[key]
 
 
-# --------------------------------------------------------------------------- #
-# The loop
-# --------------------------------------------------------------------------- #
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
-  """Train (resuming from <workdir>/checkpoints if present), preview, export."""
-  validate_config(config)
-  workdir = check_workdir(workdir)
-  mesh = sharding.make_mesh(config.mesh.data)
-  is_main = jax.process_index() == 0
-  if is_main:
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(config.to_json_best_effort(indent=2))
+@dataclasses.dataclass
+class Run:
+  """What set-up hands the loop.
 
-  t_setup = time.perf_counter()
-  # Data first: a bad instance folder fails in seconds, before any model load.
-  images, paths = load_instance_images(config, workdir)
-  logging.info('%d instance images (%s)', len(paths), os.path.dirname(paths[0]))
-  sd, params = load_model(config, workdir)
-  frozen_params = {'vae': params['vae']}
+  After set-up the only device arrays are `state`, `frozen_params` (the parts
+  previews and the export need beside the state: the VAE, and the text
+  encoder unless it trains), the DPG step inputs `step_frozen` (which share the
+  VAE of `frozen_params`) and `rng`: the loaded pretrained copy is gone.
+  """
+  sd: models.StableDiffusion
+  spec: StepSpec
+  mesh: Any
+  state: TrainState
+  step_fn: Any
+  frozen_params: dict
+  step_frozen: Any
+  rng: jax.Array
+  latents: data_lib.SubjectLatents
+  prompt_batch: dict
+  samplers: _SamplerCache
+  checkpointer: ckpt_lib.Checkpointer
+  start: int
+  workdir: str
+
+
+def _check_resume_config(checkpointer, config, workdir) -> int | None:
+  """Refuses a config that does not match the newest checkpoint's (no model loaded yet)."""
+  step, meta = checkpointer.latest_meta()
+  if step is not None:
+    run_config.check_resume(run_config.stored_config(meta, workdir), config,
+                            where=f'checkpoint {checkpointer.step_dir(step)}')
+  return step
+
+
+def _prepare_latents(config, workdir, sd, params, images, samplers):
+  """Class images (generated once), image latents and the prompt conditioning."""
   instance_prompt, class_prompt = data_lib.resolve_prompts(config)
-  samplers = _SamplerCache(sd, config.data.resolution, config.sample.batch_size, mesh)
-
-  # --- class images, latents (once per run) --------------------------------
   class_images = None
   if config.prior_preservation:
     class_dir = data_lib.resolve_class_dir(config, workdir)
@@ -415,119 +505,218 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                                                random_flip=config.data.random_flip)
   latents = data_lib.SubjectLatents(inst_mean, inst_std, cls_mean, cls_std)
 
-  # Prompt conditioning: ids if the text encoder trains, else embeddings once.
   ids = sd.tokenize([instance_prompt, class_prompt])
-  gb = config.batch_size * config.grad_accum_steps
-  if config.train_text_encoder:
-    prompt_batch = {'instance_ids': np.repeat(ids[:1], gb, 0),
-                    'class_ids': np.repeat(ids[1:], gb, 0)}
-    trainable = {'unet': params['unet'], 'text_encoder': params['text_encoder']}
-  else:
-    ctx = np.asarray(jax.jit(sd.encode_text)(params['text_encoder'], ids))
-    prompt_batch = {'instance_context': np.repeat(ctx[:1], gb, 0),
-                    'class_context': np.repeat(ctx[1:], gb, 0)}
-    trainable = {'unet': params['unet']}
-    frozen_params['text_encoder'] = params['text_encoder']
-  if not config.prior_preservation:
-    prompt_batch = {k: v for k, v in prompt_batch.items() if not k.startswith('class_')}
+  prompt_batch = conditioning_rows(sd, params['text_encoder'], config, ids)
+  return latents, prompt_batch, instance_prompt
 
-  # --- state, step, checkpoints ---------------------------------------------
-  dpg = None
-  if config.dpg.enabled:
-    dpg = dpg_lib.DPG.build(config, sd, images, [instance_prompt], workdir)
-  spec = make_step_spec(sd, config, dpg)
-  rng = jax.random.PRNGKey(config.seed)
-  state, state_sh = create_sharded_state(spec, trainable, rng, mesh, config.mesh.param_sharding)
-  frozen = dpg.frozen_inputs(params) if dpg else None
-  frozen_sh = None
-  if frozen is not None:
-    frozen = sharding.put_replicated(frozen, mesh)
-    frozen_sh = jax.tree.map(lambda _: sharding.replicated(mesh), frozen)
-  step_fn = compile_train_step(spec, mesh, state_sh, frozen_sh)
-  rng = sharding.put_global(np.asarray(jax.random.PRNGKey(config.seed + 1)),
-                            sharding.replicated(mesh))
 
+def _to_host(tree):
+  """A host copy (np.array copies: nothing aliases the device buffers after)."""
+  return jax.tree.map(np.array, tree)
+
+
+def _replicated(tree, mesh):
+  """Replicated on the mesh; on one process the loaded arrays move, not copy."""
+  if jax.process_count() == 1:
+    return jax.device_put(tree, sharding.replicated(mesh))
+  return sharding.put_replicated(tree, mesh)
+
+
+def _on_mesh_once(tree, frozen_params, mesh):
+  """Replicated step inputs; `frozen_params`' own leaves are reused, not copied
+  (the VAE), the rest is placed as `_replicated` does (reward encoders)."""
+  own = {id(x) for x in jax.tree.leaves(frozen_params)}
+  return jax.tree.map(lambda x: x if id(x) in own else _replicated(x, mesh), tree)
+
+
+def set_up(config: ml_collections.ConfigDict, workdir: str) -> Run:
+  """Everything before the first step: checks, data, model, state, restore."""
+  validate_config(config)
+  workdir = check_workdir(workdir)
+  is_main = jax.process_index() == 0
   checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, 'checkpoints'),
                                        max_to_keep=config.max_to_keep)
-  start = checkpointer.latest_step()
-  if start is not None:
-    state, _ = checkpointer.restore(start, state)
-    logging.info('Resuming from step %d', start)
-  start = int(start or 0)
+  try:
+    checked = _check_resume_config(checkpointer, config, workdir)
+    if is_main:
+      run_config.write_config_json(workdir, config)
+    mesh = sharding.make_mesh(config.mesh.data)
+    # Data first: a bad instance folder fails in seconds, before any model load.
+    images, paths = load_instance_images(config, workdir)
+    logging.info('%d instance images (%s)', len(paths), os.path.dirname(paths[0]))
+    sd, params = load_model(config, workdir)
+    samplers = _SamplerCache(sd, config.data.resolution, config.sample.batch_size, mesh)
+    latents, prompt_batch, instance_prompt = _prepare_latents(
+        config, workdir, sd, params, images, samplers)
+
+    dpg = None
+    if config.dpg.enabled:
+      dpg = dpg_lib.DPG.build(config, sd, images, [instance_prompt], workdir)
+    spec = make_step_spec(sd, config, dpg)
+    # The loaded trainable weights are handed to the state (no copy where they
+    # already sit on the mesh; each extra UNet copy is 3.4 GB at SD1.4 size);
+    # the frozen rest is placed once and shared by the step, the previews and
+    # the export.
+    trainable = {name: params.pop(name) for name in trainable_params(params, config)}
+    state, state_sh = create_sharded_state(spec, trainable, jax.random.PRNGKey(config.seed),
+                                           mesh, config.mesh.param_sharding,
+                                           donate_trainable=True)
+    del trainable
+    frozen_params = _replicated(params, mesh)
+    del params
+    step_frozen = frozen_sh = None
+    if dpg is not None:
+      step_frozen = _on_mesh_once(dpg.frozen_inputs(frozen_params), frozen_params, mesh)
+      frozen_sh = jax.tree.map(lambda _: sharding.replicated(mesh), step_frozen)
+    step_fn = compile_train_step(spec, mesh, state_sh, frozen_sh)
+    rng = sharding.put_global(np.asarray(jax.random.PRNGKey(config.seed + 1)),
+                              sharding.replicated(mesh))
+
+    start = 0
+    if checkpointer.all_steps():
+      abstract = jax.tree.map(
+          lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+      del state  # restore into the layout without holding a second state
+      check = lambda step, meta: step == checked or run_config.check_resume(
+          run_config.stored_config(meta, workdir), config,
+          where=f'checkpoint {checkpointer.step_dir(step)}')
+      start, state, _ = checkpointer.restore_latest(abstract, check_meta=check)
+      logging.info('Resuming from step %d', start)
+    gc.collect()  # the loaded copies go now, not at some later collection
+    return Run(sd=sd, spec=spec, mesh=mesh, state=state, step_fn=step_fn,
+               frozen_params=frozen_params, step_frozen=step_frozen, rng=rng, latents=latents,
+               prompt_batch=prompt_batch, samplers=samplers, checkpointer=checkpointer,
+               start=int(start), workdir=workdir)
+  except BaseException:
+    checkpointer.close()
+    raise
+
+
+# --------------------------------------------------------------------------- #
+# The loop
+# --------------------------------------------------------------------------- #
+def _every(step: int, period: int) -> bool:
+  """Periodic action at `step`; period 0 = never (the caller adds 'at the end')."""
+  return period > 0 and step % period == 0
+
+
+def _summary(workdir, config, step, checkpointer, exported) -> str:
+  samples = os.path.join(workdir, 'samples')
+  lines = [f'Finished at step {step} (num_steps={config.num_steps}); outputs in {workdir}:',
+           f'  checkpoints  {checkpointer.directory} (steps {checkpointer.all_steps()})',
+           f'  samples      {samples if os.path.isdir(samples) else "none (sample.prompts=())"}',
+           f'  metrics      {os.path.join(workdir, "metrics.jsonl")}',
+           f'  TensorBoard  tensorboard --logdir {os.path.join(workdir, "tb")}',
+           f'  export       {exported or "off (config.export=False)"}']
+  return '\n'.join(lines)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+  """Train (resuming from <workdir>/checkpoints if present), preview, export.
+
+  SIGTERM / SIGINT (or the multi-host preemption sync point) save the current
+  step and raise `preemption.Preempted` (exit code 128 + signal): rerunning
+  the same command resumes exactly where it stopped.
+  """
+  t_setup = time.perf_counter()
+  run = set_up(config, workdir)
+  workdir = run.workdir
+  is_main = jax.process_index() == 0
+  checkpointer, start, state = run.checkpointer, run.start, run.state
+  run.state = None  # the loop owns the (donated) state from here
   writer = writers.MetricWriter(workdir, resume_step=start)
   chrono = writers.Chrono()
+  meta = {'config': run_config.config_dict(config)}
   logging.info('Set-up took %.1fs', time.perf_counter() - t_setup)
 
   def full_params(st):
-    p = dict(params)
-    p.update(st.params)
-    return p
+    return {**run.frozen_params, **st.params}
 
-  def preview(step):
+  def preview(st, step):
     s = config.sample
     if not s.prompts or s.num_images_per_prompt < 1:
       return  # previews switched off
-    sampler = samplers.get(s.scheduler, s.num_inference_steps, s.guidance_scale)
+    sampler = run.samplers.get(s.scheduler, s.num_inference_steps, s.guidance_scale)
     prompts = [format_prompt(p, config) for p in s.prompts]
     all_prompts = [p for p in prompts for _ in range(s.num_images_per_prompt)]
     seeds = [s.seed + i for i in range(len(all_prompts))]
-    imgs = sampler(full_params(state), all_prompts, seeds, s.negative_prompt)
+    imgs = sampler(full_params(st), all_prompts, seeds, s.negative_prompt)
     if is_main:
       grid = sampling.image_grid(imgs, ncols=s.num_images_per_prompt)
       sampling.save_grid(imgs, os.path.join(workdir, 'samples', f'step_{step:06d}.png'),
                          ncols=s.num_images_per_prompt)
       writer.image(step, 'samples', grid)
 
-  # --- loop -------------------------------------------------------------------
+  def non_finite(step, m):
+    return ckpt_lib.NonFiniteError(
+        f'step {step}: loss={float(m["loss"])}, grad_norm={float(m["grad_norm"])} is not '
+        f'finite; stopping without writing a checkpoint. Last finite checkpoint: '
+        f'{checkpointer.latest_step()} in {checkpointer.directory} (a run that was '
+        f'already diverging may diverge again from it).'
+        + (' ' + run.spec.dpg.divergence_hint() if run.spec.dpg else ''))
+
   bar = tqdm.tqdm(total=config.num_steps, initial=start, desc='train',
                   disable=not is_main, dynamic_ncols=True)
   step = start
+  exported = None
   try:
-    for step in range(start + 1, config.num_steps + 1):
-      host_batch = data_lib.sample_batch(latents, step=step, seed=config.seed, batch_size=gb)
-      host_batch.update(prompt_batch)
-      batch = sharding.put_batch(host_batch, mesh)
-      t0 = time.perf_counter()
-      state, metrics = step_fn(state, batch, rng, frozen)
-      if step == start + 1:
-        jax.block_until_ready(metrics)
-        chrono.first_step_done(t0)
-        logging.info('First step (compile + run) %.1fs', chrono.compile_s)
-      else:
-        chrono.tick()
-      bar.update(1)
-      must_save = step % config.checkpoint_every == 0 or step == config.num_steps
-      if step % config.log_every == 0 or must_save:
-        m = jax.device_get(metrics)
-        if not bool(m['finite']):
-          raise ckpt_lib.NonFiniteError(
-              f'step {step}: loss={float(m["loss"])}, grad_norm={float(m["grad_norm"])} is not '
-              f'finite; stopping without writing a checkpoint. Last finite checkpoint: '
-              f'{checkpointer.latest_step()} in {checkpointer.directory} (a run that was '
-              f'already diverging may diverge again from it).'
-              + (' ' + spec.dpg.divergence_hint() if spec.dpg else ''))
-        scalars = {k: v for k, v in m.items() if k != 'finite'}
-        scalars['lr'] = spec.lr_schedule(step - 1)
-        if np.isfinite(chrono.steps_per_sec()):  # undefined until a step after the compile
-          scalars['steps_per_sec'] = chrono.steps_per_sec()
-        writer.scalars(step, scalars)
-        bar.set_postfix(loss=f'{float(m["loss"]):.4f}')
-      if must_save:
-        checkpointer.save(step, state, {'step': step})
-      if config.sample_every and step % config.sample_every == 0 and step != config.num_steps:
-        preview(step)
-    if config.num_steps > start or not os.path.isdir(os.path.join(workdir, 'samples')):
-      preview(config.num_steps)
-    checkpointer.wait()
-    if config.export and is_main:
-      paths = export_lib.export_pipeline(workdir, sd, full_params(state),
-                                         export_format=config.export_format,
-                                         fp16=config.export_fp16)
-      logging.info('Exported the fine-tuned pipeline to %s', ', '.join(paths))
+    with preemption.StopRequests() as stop:
+      for step in range(start + 1, config.num_steps + 1):
+        batch = sharding.put_batch(
+            host_batch(run.latents, run.prompt_batch, step=step, config=config), run.mesh)
+        t0 = time.perf_counter()
+        state, metrics = run.step_fn(state, batch, run.rng, run.step_frozen)
+        if step == start + 1:
+          jax.block_until_ready(metrics)
+          chrono.first_step_done(t0)
+          logging.info('First step (compile + run) %.1fs', chrono.compile_s)
+        else:
+          chrono.tick()
+        bar.update(1)
+        # Every step, on every host: the multi-host preemption sync point.
+        stopping = stop.should_stop(step, checkpointer)
+        must_save = _every(step, config.checkpoint_every) or step == config.num_steps or stopping
+        if _every(step, config.log_every) or must_save:
+          m = jax.device_get(metrics)
+          if not bool(m['finite']):
+            raise non_finite(step, m)
+          scalars = {k: v for k, v in m.items() if k != 'finite'}
+          scalars['lr'] = run.spec.lr_schedule(step - 1)
+          if np.isfinite(chrono.steps_per_sec()):  # undefined until a step after the compile
+            scalars['steps_per_sec'] = chrono.steps_per_sec()
+          writer.scalars(step, scalars)
+          bar.set_postfix(loss=f'{float(m["loss"]):.4f}')
+        if must_save:
+          checkpointer.save(step, state, {'step': step, **meta})
+        if stopping:
+          checkpointer.wait()
+          msg = (f'Stopped by {stop.name} at step {step}: checkpoint saved in '
+                 f'{checkpointer.step_dir(step)}; rerun the same command to resume.')
+          logging.warning(msg)
+          raise preemption.Preempted(stop.signum, step, msg)
+        if _every(step, config.sample_every) and step != config.num_steps:
+          preview(state, step)
+      if config.num_steps > start or not os.path.isdir(os.path.join(workdir, 'samples')):
+        preview(state, config.num_steps)
+      checkpointer.wait()
+      if stop.signum is not None:  # arrived during the final preview: export on rerun
+        msg = (f'Stopped by {stop.name} after step {step} (saved in '
+               f'{checkpointer.step_dir(step)}) before the export; rerun to export.')
+        logging.warning(msg)
+        raise preemption.Preempted(stop.signum, step, msg)
+      if config.export:
+        exported = ', '.join(export_lib.export_paths(workdir, config.export_format))
+        if is_main:
+          export_lib.export_pipeline(workdir, run.sd, full_params(state),
+                                     export_format=config.export_format,
+                                     fp16=config.export_fp16)
+          logging.info('Exported the fine-tuned pipeline to %s', exported)
   finally:
     bar.close()
     writer.close()
     checkpointer.close()
   if chrono.compile_s is not None:
     logging.info('compile %.1fs, %.2f steps/s', chrono.compile_s, chrono.steps_per_sec())
+  if is_main:
+    logging.info('%s', _summary(workdir, config, step, checkpointer, exported))
   return state

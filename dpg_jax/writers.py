@@ -1,8 +1,14 @@
-"""Metric and image writers: JSON lines + TensorBoard, from process 0 only."""
+"""Metric and image writers: JSON lines + TensorBoard, from process 0 only.
+
+Both survive a kill: a metrics.jsonl line torn mid-write is dropped on read,
+TensorBoard events are flushed at every log step, and a resumed run purges
+the events a killed run logged past its checkpoint (no doubled curve points).
+"""
 import json
 import os
 import time
 
+from absl import logging
 import jax
 import numpy as np
 
@@ -24,8 +30,10 @@ class MetricWriter:
         keep = [r for r in read_metrics(workdir) if r['step'] <= resume_step]
         fileio.atomic_write_text(path, ''.join(json.dumps(r) + '\n' for r in keep))
       self._jsonl = open(path, 'a', encoding='utf-8')
-      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      self._tb = SummaryWriter(os.path.join(workdir, 'tb'))
+      # purge_step: events at steps > resume_step (logged by the killed run
+      # after its last checkpoint) are hidden, as they are logged again.
+      self._tb = _TensorBoard(os.path.join(workdir, 'tb'),
+                              purge_step=None if resume_step is None else int(resume_step) + 1)
 
   def scalars(self, step: int, scalars: dict) -> None:
     if not self.enabled:
@@ -34,13 +42,13 @@ class MetricWriter:
     for k, v in scalars.items():
       v = float(np.asarray(v))
       row[k] = v
-      self._tb.add_scalar(k, v, int(step))
+    self._tb.scalars(int(step), row)
     self._jsonl.write(json.dumps(row) + '\n')
     self._jsonl.flush()
 
   def image(self, step: int, tag: str, image_uint8: np.ndarray) -> None:
     if self.enabled:
-      self._tb.add_image(tag, np.asarray(image_uint8), int(step), dataformats='HWC')
+      self._tb.image(int(step), tag, np.asarray(image_uint8))
 
   def flush(self) -> None:
     if self.enabled:
@@ -53,13 +61,74 @@ class MetricWriter:
       self._tb.close()
 
 
+class _TensorBoard:
+  """Synchronous TensorBoard event file: every call is on disk when it returns.
+
+  (tensorboardX's SummaryWriter queues events to a thread and its flush() does
+  not drain the queue, so a killed run lost its last points.)
+  """
+
+  def __init__(self, logdir: str, purge_step: int | None = None):
+    from tensorboardX.event_file_writer import EventsWriter  # pylint: disable=g-import-not-at-top
+    from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
+    os.makedirs(logdir, exist_ok=True)
+    self._pb = event_pb2
+    # The name holds whole seconds only: the suffix keeps two files of the same
+    # second apart (a quick resume would overwrite) and in start order, which
+    # TensorBoard reads them in.
+    self._w = EventsWriter(os.path.join(logdir, 'events'),
+                           filename_suffix=f'.{time.time_ns():020d}')
+    if purge_step is not None:
+      # TensorBoard drops earlier events at steps >= purge_step (a resumed run).
+      self._write(step=purge_step,
+                  session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START))
+
+  def _write(self, **kw) -> None:
+    self._w.write_event(self._pb.Event(wall_time=time.time(), **kw))
+    self._w.flush()
+
+  def scalars(self, step: int, row: dict) -> None:
+    from tensorboardX import summary  # pylint: disable=g-import-not-at-top
+    from tensorboardX.proto import summary_pb2  # pylint: disable=g-import-not-at-top
+    values = [summary.scalar(k, v).value[0] for k, v in row.items() if k not in ('step', 'time')]
+    self._write(step=step, summary=summary_pb2.Summary(value=values))
+
+  def image(self, step: int, tag: str, image_hwc_uint8: np.ndarray) -> None:
+    from tensorboardX import summary  # pylint: disable=g-import-not-at-top
+    self._write(step=step, summary=summary.image(tag, image_hwc_uint8, dataformats='HWC'))
+
+  def flush(self) -> None:
+    self._w.flush()
+
+  def close(self) -> None:
+    self._w.close()
+
+
 def read_metrics(workdir: str) -> list[dict]:
-  """The rows of <workdir>/metrics.jsonl (for tests, notebooks, the evaluator)."""
+  """The rows of <workdir>/metrics.jsonl (for tests, notebooks, the evaluator).
+
+  A line that does not parse (torn by a kill mid-write, or garbled) is dropped
+  with one warning, as the evaluation ledger does.
+  """
   path = os.path.join(workdir, 'metrics.jsonl')
   if not os.path.exists(path):
     return []
-  with open(path, encoding='utf-8') as f:
-    return [json.loads(line) for line in f if line.strip()]
+  with open(path, encoding='utf-8', errors='replace') as f:
+    lines = [line for line in f.read().split('\n') if line.strip()]
+  rows, bad = [], 0
+  for line in lines:
+    try:
+      row = json.loads(line)
+    except ValueError:
+      bad += 1
+      continue
+    if isinstance(row, dict) and isinstance(row.get('step'), int):
+      rows.append(row)
+    else:
+      bad += 1
+  if bad:
+    logging.warning('%s: dropping %d torn or unreadable line(s).', path, bad)
+  return rows
 
 
 class Chrono:

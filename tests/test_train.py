@@ -1,5 +1,6 @@
 """The DreamBooth train step and loop: parity, sharding, resume, bad input."""
 import functools
+import gc
 import json
 import os
 import shutil
@@ -174,30 +175,159 @@ def _restore_params(workdir, step, like):
   return state
 
 
-def test_resumed_run_equals_uninterrupted(tiny_sd_dir, tmp_path):
-  full = _run(_config(num_steps=4), tmp_path / 'full', tiny_sd_dir)
-  # "Killed" after the checkpoint at step 2, then the same command again.
-  _run(_config(num_steps=2), tmp_path / 'resumed', tiny_sd_dir)
-  # A killed run may have logged steps past its last checkpoint: they are redone.
-  with open(tmp_path / 'resumed' / 'metrics.jsonl', 'a') as f:
-    f.write(json.dumps({'step': 3, 'loss': -1.0}) + '\n')
-  rows_before = [r for r in writers.read_metrics(str(tmp_path / 'resumed')) if r['step'] <= 2]
-  resumed = _run(_config(num_steps=4), tmp_path / 'resumed', tiny_sd_dir)
-  assert [r['step'] for r in rows_before] == [1, 2]
-  rows = writers.read_metrics(str(tmp_path / 'resumed'))
-  assert [r['step'] for r in rows] == [1, 2, 3, 4]   # steps 1-2 not rerun, 3 not duplicated
-  assert rows[:2] == rows_before and rows[2]['loss'] > 0
-  assert int(resumed.step) == int(full.step) == 4
-  for a, b in zip(jax.tree.leaves(full.params), jax.tree.leaves(resumed.params)):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  for a, b in zip(jax.tree.leaves(full.opt_state), jax.tree.leaves(resumed.opt_state)):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  # The checkpoint on disk is the final state, and class images were reused.
-  restored = _restore_params(str(tmp_path / 'full'), 4, full)
-  for a, b in zip(jax.tree.leaves(full.params), jax.tree.leaves(restored.params)):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  assert sorted(os.listdir(tmp_path / 'resumed' / 'class_images')) == [
-      'class_00000.png', 'class_00001.png']
+@pytest.fixture(scope='module')
+def full_run(tiny_sd_dir, tmp_path_factory):
+  """(final state, workdir) of the uninterrupted 4-step reference run."""
+  workdir = tmp_path_factory.mktemp('full')
+  return _run(_config(num_steps=4), workdir, tiny_sd_dir), workdir
+
+
+def _assert_same_state(a, b):
+  assert int(a.step) == int(b.step)
+  for x, y in zip(jax.tree.leaves((a.params, a.opt_state)), jax.tree.leaves((b.params, b.opt_state))):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+_SIGTERM_SCRIPT = textwrap.dedent('''
+    import os, signal, sys
+    sys.path.insert(0, {repo!r})
+    import jax
+    jax.config.update('jax_compilation_cache_dir', {cache!r})
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
+    from dpg_jax import data as data_lib, train
+    from tests import test_train as tt
+    sample_batch = data_lib.sample_batch
+
+    def batch_of(latents, *, step, **kw):
+      if step == 3:   # a real SIGTERM, mid checkpoint interval, while step 3 is set up
+        os.kill(os.getpid(), signal.SIGTERM)
+      return sample_batch(latents, step=step, **kw)
+    data_lib.sample_batch = batch_of
+    config = tt._config(num_steps=4)
+    config.model.pretrained = {sd_dir!r}
+    train.train_and_evaluate(config, {workdir!r})
+    print('NOT STOPPED')
+''')
+
+
+def test_sigterm_saves_the_current_step_and_resume_is_exact(full_run, tiny_sd_dir, tmp_path,
+                                                           caplog):
+  """SIGTERM between checkpoints (2 and 4): step 3 is saved, exit 143, and the
+  rerun equals the uninterrupted run (params and optimiser state, bit-exact)."""
+  workdir = tmp_path / 'w'
+  script = tmp_path / 'sigterm.py'
+  script.write_text(_SIGTERM_SCRIPT.format(
+      repo=REPO, sd_dir=tiny_sd_dir, workdir=str(workdir),
+      cache=jax.config.jax_compilation_cache_dir))
+  out = subprocess.run([sys.executable, str(script)], cwd=REPO, capture_output=True, text=True,
+                       timeout=600)
+  assert out.returncode == 128 + 15, out.stderr[-3000:]
+  assert 'NOT STOPPED' not in out.stdout and 'Traceback' not in out.stderr
+  stopped = [l for l in out.stderr.splitlines() if 'Stopped by SIGTERM' in l]
+  assert len(stopped) == 1 and stopped[0].endswith(
+      f'Stopped by SIGTERM at step 3: checkpoint saved in {workdir}/checkpoints/3; rerun the '
+      'same command to resume.'), out.stderr[-2000:]
+  ck = ckpt_lib.Checkpointer(str(workdir / 'checkpoints'))
+  assert ck.all_steps() == [2, 3]
+  ck.close()
+  rows_before = writers.read_metrics(str(workdir))
+  assert [r['step'] for r in rows_before] == [1, 2, 3]
+  # A hard-killed run may have logged steps past its last checkpoint: they are redone.
+  with open(workdir / 'metrics.jsonl', 'a') as f:
+    f.write(json.dumps({'step': 4, 'loss': -1.0}) + '\n')
+  # Rerun; cadences changed on the way (safe: allowed, listed in one warning;
+  # 0 = only at the end).
+  with caplog.at_level('INFO'):
+    resumed = _run(_config(num_steps=4, checkpoint_every=0, log_every=0), workdir, tiny_sd_dir)
+  full, full_dir = full_run
+  _assert_same_state(full, resumed)
+  rows = writers.read_metrics(str(workdir))
+  assert [r['step'] for r in rows] == [1, 2, 3, 4]   # 1-3 not rerun, 4 not duplicated
+  assert rows[:3] == rows_before and rows[3]['loss'] > 0
+  # The uninterrupted run's checkpoint is its final state; class images were reused.
+  _assert_same_state(full, _restore_params(str(full_dir), 4, full))
+  assert sorted(os.listdir(workdir / 'class_images')) == ['class_00000.png', 'class_00001.png']
+  warned = [r.getMessage() for r in caplog.records if 'with config changes' in r.getMessage()]
+  assert len(warned) == 1 and warned[0].endswith(
+      'checkpoint_every: 2 -> 0; log_every: 1 -> 0'), warned
+  ck = ckpt_lib.Checkpointer(str(workdir / 'checkpoints'))
+  assert ck.all_steps() == [3, 4]
+  ck.close()
+  summary = [r.getMessage() for r in caplog.records if r.getMessage().startswith('Finished at')]
+  assert len(summary) == 1
+  assert summary[0].splitlines()[0] == f'Finished at step 4 (num_steps=4); outputs in {workdir}:'
+  for part in (f'checkpoints  {workdir}/checkpoints (steps [3, 4])',
+               f'metrics      {workdir}/metrics.jsonl', f'tensorboard --logdir {workdir}/tb',
+               'export       off (config.export=False)'):
+    assert part in summary[0], summary[0]
+
+
+def test_structural_config_change_is_refused_before_model_load(tmp_path, monkeypatch):
+  from dpg_jax import run_config  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path / 'w'
+  old = _config()
+  ck = ckpt_lib.Checkpointer(str(workdir / 'checkpoints'), async_save=False)
+  ck.save(2, {'w': jnp.ones(3)}, {'step': 2, 'config': run_config.config_dict(old)})
+  ck.close()
+  run_config.write_config_json(str(workdir), old)
+  before = (workdir / 'config.json').read_text()
+
+  def boom(*a, **k):
+    raise AssertionError('model loaded before the config was checked')
+  monkeypatch.setattr(train, 'load_model', boom)
+  monkeypatch.setattr(train, 'load_instance_images', boom)
+  new = _config(train_text_encoder=False, learning_rate=3e-4, num_steps=9)
+  with pytest.raises(run_config.ConfigMismatchError) as err:
+    train.train_and_evaluate(new, str(workdir))
+  msg = str(err.value)
+  assert f'checkpoint {workdir}/checkpoints/2 was trained with' in msg
+  assert 'learning_rate: 0.0001 -> 0.0003' in msg and 'train_text_encoder: true -> false' in msg
+  assert 'num_steps' not in msg
+  assert (workdir / 'config.json').read_text() == before   # a refused start writes nothing
+  assert not (workdir / 'config.1.json').exists()
+
+
+def test_set_up_keeps_only_the_state_and_one_frozen_copy(tiny_sd, tiny_sd_dir, tmp_path):
+  """After set-up the device holds the state, the frozen VAE + text encoder once, the rng."""
+  gc.collect()
+  before = jax.live_arrays()            # held: their ids cannot be reused meanwhile
+  known = {id(x) for x in before}
+  config = _config(train_text_encoder=False)
+  config.model.pretrained = tiny_sd_dir
+  run = train.set_up(config, str(tmp_path / 'w'))
+  try:
+    gc.collect()
+    new = [x for x in jax.live_arrays() if id(x) not in known]
+    want = jax.tree.leaves(run.state) + jax.tree.leaves(run.frozen_params) + [run.rng]
+    nbytes = lambda xs: sum(x.nbytes for x in xs)
+    assert {id(x) for x in want} <= {id(x) for x in new}
+    # Besides them only constants (a schedule table, PRNG keys: 4 KB here); the
+    # loaded UNet (1.6 MB) or a second VAE / text encoder would show.
+    extra = [x for x in new if id(x) not in {id(y) for y in want}]
+    assert nbytes(extra) <= 8192, [(x.shape, x.dtype) for x in extra][:10]
+    _, params = tiny_sd
+    assert sorted(run.frozen_params) == ['text_encoder', 'vae']
+    assert nbytes(jax.tree.leaves(run.frozen_params)) == nbytes(
+        jax.tree.leaves((params['vae'], params['text_encoder'])))
+    assert nbytes(jax.tree.leaves(run.state.params)) == nbytes(jax.tree.leaves(params['unet']))
+  finally:
+    run.checkpointer.close()
+
+
+def test_switching_subject_never_mixes_photos(tmp_path):
+  """instance_images of another source (here a dataset subject) are replaced, not merged."""
+  workdir = tmp_path / 'w'
+  folder = workdir / 'instance_images'
+  folder.mkdir(parents=True)
+  Image.new('RGB', (64, 64), 'red').save(folder / 'dog_00.png')
+  (folder / '.source.json').write_text(json.dumps({'dataset': 'dreambench', 'subject': 'dog'}))
+  images, paths = train.load_instance_images(_config(), str(workdir))
+  assert len(paths) == 5 and not any('dog' in os.path.basename(p) for p in paths)
+  assert sorted(os.listdir(folder)) == sorted(
+      ['.source.json', 'synthetic_subject.json'] + [os.path.basename(p) for p in paths])
+  assert json.loads((folder / '.source.json').read_text()) == {'synthetic': True}
+  again, _ = train.load_instance_images(_config(), str(workdir))   # same source: reused
+  np.testing.assert_array_equal(images, again)
 
 
 def test_non_finite_run_stops_without_checkpoint(tiny_sd_dir, tmp_path):
@@ -206,16 +336,6 @@ def test_non_finite_run_stops_without_checkpoint(tiny_sd_dir, tmp_path):
     _run(config, tmp_path / 'nan', tiny_sd_dir)
   ck = ckpt_lib.Checkpointer(str(tmp_path / 'nan' / 'checkpoints'))
   assert ck.latest_step() is None
-  ck.close()
-
-
-def test_checkpointer_refuses_nan_state(tmp_path):
-  ck = ckpt_lib.Checkpointer(str(tmp_path / 'ck'), async_save=False)
-  good = {'w': jnp.ones((3,))}
-  ck.save(1, good)
-  with pytest.raises(ckpt_lib.NonFiniteError, match='NaN/inf'):
-    ck.save(2, {'w': jnp.array([1.0, jnp.nan, 0.0])})
-  assert ck.all_steps() == [1]
   ck.close()
 
 
@@ -233,6 +353,27 @@ def test_missing_instance_dir_errors_before_model_load(tmp_path, monkeypatch):
   monkeypatch.setattr(train, 'load_model', boom)
   with pytest.raises(data_lib.DataError, match=r'nope.*data\.instance_dir|data\.instance_dir.*nope'):
     train.train_and_evaluate(c, str(tmp_path / 'w'))
+
+
+@pytest.mark.parametrize('overrides, message', [
+    ({'max_to_keep': 0}, 'config key max_to_keep=0: expected an integer >= 1'),
+    ({'checkpoint_every': -1}, r'config key checkpoint_every=-1: expected an integer >= 0 \(0 = only'),
+    ({'log_every': -5}, 'config key log_every=-5: expected an integer >= 0'),
+    ({'sample_every': -1}, 'config key sample_every=-1: expected an integer >= 0'),
+    ({'learning_rate': 0.0}, 'config key learning_rate=0.0: expected a finite number > 0'),
+    ({'learning_rate': float('nan')}, 'config key learning_rate=nan: expected a finite'),
+    ({'learning_rate': float('inf')}, 'config key learning_rate=inf: expected a finite'),
+    ({'sample.prompts': ('a {identifier} {class_noun}', 'a {identifer} dog')},
+     r"config key sample.prompts\[1\]='a \{identifer\} dog': unknown placeholder \{identifer\}"),
+    ({'data.instance_prompt': 'a photo of {name}'},
+     r"config key data.instance_prompt='a photo of \{name\}': unknown placeholder"),
+    ({'data.class_prompt': 'a {class_noun'},
+     r"config key data.class_prompt='a \{class_noun': .*literal brace"),
+])
+def test_validate_config_rejects(overrides, message):
+  with pytest.raises(ValueError, match=message) as err:
+    train.validate_config(_config(**overrides))
+  assert '\n' not in str(err.value)
 
 
 def test_validate_config_messages():

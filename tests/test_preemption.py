@@ -1,0 +1,52 @@
+"""Stop requests: our signal handlers (one process) and the multi-host sync point."""
+import os
+import signal
+
+import jax
+import pytest
+
+from dpg_jax import preemption
+
+
+class _FakeCheckpointer:
+  """reached_preemption as Orbax reports it: True on every host at one step."""
+
+  def __init__(self, sync_step=None):
+    self.sync_step, self.asked = sync_step, []
+
+  def reached_preemption(self, step):
+    self.asked.append(step)
+    return step == self.sync_step
+
+
+def test_sigint_sets_the_flag_then_a_second_one_interrupts():
+  ck = _FakeCheckpointer()
+  previous = signal.getsignal(signal.SIGINT)
+  with preemption.StopRequests() as stop:
+    assert not stop.should_stop(1, ck)
+    os.kill(os.getpid(), signal.SIGINT)          # Ctrl-C: no KeyboardInterrupt mid-step
+    assert stop.should_stop(2, ck) and stop.name == 'SIGINT'
+    with pytest.raises(KeyboardInterrupt):       # Ctrl-C again: interrupt at once
+      os.kill(os.getpid(), signal.SIGINT)
+  assert signal.getsignal(signal.SIGINT) is previous
+  assert ck.asked == [1, 2]                      # asked every step (the sync point)
+
+
+def test_sigterm_flag_and_exit_code():
+  with preemption.StopRequests() as stop:
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert stop.should_stop(7, _FakeCheckpointer())
+  err = preemption.Preempted(stop.signum, 7, 'Stopped by SIGTERM at step 7')
+  assert isinstance(err, SystemExit) and err.code == 143 and str(err).endswith('step 7')
+  assert preemption.Preempted(signal.SIGINT, 1, '').code == 130
+
+
+def test_multi_host_uses_only_the_sync_point(monkeypatch):
+  """Several processes: no handlers of ours (JAX's preemption service owns SIGTERM)."""
+  monkeypatch.setattr(jax, 'process_count', lambda: 2)
+  before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+  ck = _FakeCheckpointer(sync_step=5)
+  with preemption.StopRequests() as stop:
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
+    assert [stop.should_stop(s, ck) for s in range(3, 7)] == [False, False, True, True]
+    assert stop.name == 'SIGTERM'
