@@ -268,7 +268,7 @@ def test_imports_without_dropped_dependencies():
       class Block:
         def find_spec(self, name, path=None, target=None):
           if name.split('.')[0] in ('grain', 'importlib_resources'):
-            raise ImportError(f'{name} is not installed')
+            raise ModuleNotFoundError(f'No module named {name!r}', name=name)
 
       sys.meta_path.insert(0, Block())
       import dpg_jax
