@@ -50,10 +50,14 @@ def config_repo_on_path(argv=None) -> None:
 class _QuietLibraries(logging.logging.Filter):
   """Libraries speak at WARNING and above; INFO is ours (Orbax, TFDS and JAX
   log dozens of INFO lines per run: backends probed, every checkpoint file)."""
+  # Library advice that does not apply here (TFDS: PIL decodes our few photos).
+  ADVICE = ('OpenCV is not installed.',)
 
   def filter(self, record):
+    if os.path.abspath(record.pathname).startswith(_PACKAGE_DIR + os.sep):
+      return True
     return (record.levelno >= logging.logging.WARNING
-            or os.path.abspath(record.pathname).startswith(_PACKAGE_DIR + os.sep))
+            and not record.getMessage().startswith(self.ADVICE))
 
 
 def _above_progress_bars(handler) -> None:

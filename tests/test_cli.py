@@ -203,6 +203,8 @@ def test_library_info_is_dropped_ours_and_warnings_kept():
   lib = '/venv/lib/python3.11/site-packages/orbax/checkpoint/x.py'
   assert not f.filter(_record(logging.INFO, lib))
   assert f.filter(_record(logging.WARNING, lib))
+  tfds = '/venv/lib/python3.11/site-packages/tensorflow_datasets/core/features/image_feature.py'
+  assert not f.filter(_record(logging.WARNING, tfds, 'OpenCV is not installed. We recommend ...'))
   assert f.filter(_record(logging.INFO, os.path.join(cli._PACKAGE_DIR, 'train.py')))  # pylint: disable=protected-access
 
 
