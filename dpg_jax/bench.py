@@ -20,7 +20,6 @@ import sys
 import tempfile
 import time
 
-from absl import app
 from absl import flags
 from ml_collections import config_flags
 
@@ -28,7 +27,9 @@ from dpg_jax import cli
 
 cli.config_repo_on_path()
 
-config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=True)
+config_flags.DEFINE_config_file(
+    'config', None, 'Config file (configs/*.py). Override any key with --config.KEY=VALUE; '
+    'the keys: configs/default.py.', lock_config=True)
 _SHAPES = flags.DEFINE_enum('shapes', 'config', ['config', 'sd14'],
                             "'config': the config's model; 'sd14': SD1.4 shapes, random weights.")
 _STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps (after one warm-up).')
@@ -417,4 +418,4 @@ def main(argv):
 
 if __name__ == '__main__':
   flags.mark_flags_as_required(['config'])
-  app.run(main)
+  cli.run(main)

@@ -10,11 +10,13 @@ The config's sampling protocols (the DPG authors' is the default, the
 DreamBooth paper's is ':dreambooth') are described in configs/eval_dreambench.py.
 
 Rerun the same command after a kill: finished (subject, method, prompt) units
-are kept and the evaluation continues with the next one.
+are kept and the evaluation continues with the next one. The keys of an
+evaluation config are in configs/eval_dreambench.py (`train.*` overrides every
+method's training config, whose keys are in configs/default.py); each method's
+resolved training config is written to <workdir>/runs/<method>/<subject>/config.json.
 """
 import os
 
-from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
@@ -24,24 +26,28 @@ from dpg_jax import cli
 cli.config_repo_on_path()
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for runs, images, ledger, results.')
-config_flags.DEFINE_config_file('config', None, 'Config file (configs/eval_*.py).',
-                                lock_config=True)
+config_flags.DEFINE_config_file(
+    'config', None, 'Config file (configs/eval_*.py). Override any key with --config.KEY=VALUE; '
+    'the keys: configs/eval_dreambench.py.', lock_config=True)
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  cli.quiet_logging()
+  del argv  # cli.run rejects positional arguments
   from dpg_jax import evaluation  # pylint: disable=g-import-not-at-top
   from dpg_jax import sharding  # pylint: disable=g-import-not-at-top
+  from dpg_jax import train  # pylint: disable=g-import-not-at-top
   config = flags.FLAGS.config
+  workdir = train.check_workdir(_WORKDIR.value)  # '--workdir ... is not writable'
   if config.workdir_compilation_cache and not config.compilation_cache_dir:
-    config.compilation_cache_dir = os.path.join(os.path.abspath(_WORKDIR.value), 'xla_cache')
+    config.compilation_cache_dir = os.path.join(workdir, 'xla_cache')
   sharding.setup_runtime(config)
-  logging.info('workdir=%s\n%s', _WORKDIR.value, config)
-  evaluation.run(config, _WORKDIR.value)
+  evaluation.validate_config(config)  # a bad value stops before the summary claims a run
+  logging.info('evaluate %s -> %s: methods %s, %d images per prompt',
+               cli.config_source(), workdir, ', '.join(config.methods), config.images_per_prompt)
+  logging.debug('resolved config:\n%s', config)  # shown with --verbosity=1
+  evaluation.run(config, workdir)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main, keys_doc='configs/eval_dreambench.py')

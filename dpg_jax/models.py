@@ -169,20 +169,28 @@ _SCHEDULE_KEYS = ('num_train_timesteps', 'beta_start', 'beta_end', 'beta_schedul
 
 
 class _DropFlaxDeprecation(logging.Filter):
+  # What the pinned diffusers 0.39 / transformers 4.57 log about their Flax
+  # classes (at import, in every module setup(), i.e. at every trace): we pin
+  # them on purpose, so it tells our users nothing and would drown the logs.
+  NOTICES = ('Flax classes are deprecated and will be removed in Diffusers',
+             'TensorFlow and JAX classes are deprecated and will be removed in Transformers')
 
   def filter(self, record):
-    return 'Flax classes are deprecated' not in record.getMessage()
+    msg = record.getMessage()
+    return not any(notice in msg for notice in self.NOTICES)
 
 
 def quiet_diffusers():
-  """Drops diffusers' Flax deprecation warning (idempotent)."""
-  # diffusers' Flax modules log it in every setup(), i.e. at every trace; it
-  # would drown the training logs.
+  """Drops the pinned libraries' Flax deprecation notices, nothing else (idempotent).
+
+  Call it before the first diffusers model import: some are logged at import."""
   from diffusers.utils import logging as dlogging  # pylint: disable=g-import-not-at-top
-  dlogging.get_logger('diffusers')  # Makes sure its handler exists.
-  for h in logging.getLogger('diffusers').handlers:
-    if not any(isinstance(f, _DropFlaxDeprecation) for f in h.filters):
-      h.addFilter(_DropFlaxDeprecation())
+  from transformers.utils import logging as tlogging  # pylint: disable=g-import-not-at-top
+  for library, lib_logging in (('diffusers', dlogging), ('transformers', tlogging)):
+    lib_logging.get_logger(library)  # Makes sure its handler exists.
+    for h in logging.getLogger(library).handlers:
+      if not any(isinstance(f, _DropFlaxDeprecation) for f in h.filters):
+        h.addFilter(_DropFlaxDeprecation())
 
 
 _REMAT_BLOCKS = ('FlaxCrossAttnDownBlock2D', 'FlaxDownBlock2D', 'FlaxUNetMidBlock2DCrossAttn',
