@@ -297,7 +297,7 @@ def critic_update(state: CriticState, inputs, target):
       'critic/loss': loss,   # in regressed units (raw / target_scale)
       'critic/target_scale': scale,
       'critic/target_mean': target.mean(),
-      'critic/grad_norm': optax.global_norm(grads),
+      'critic/grad_norm': optax.tree.norm(grads),
       'critic/nonfinite': (~finite).astype(jnp.float32),
   }
   return new_state, metrics

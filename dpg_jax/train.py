@@ -184,9 +184,9 @@ def train_step(spec: StepSpec, state: TrainState, batch: dict, rng, frozen=None)
   updates, opt_state = spec.optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   metrics = {'loss': loss, **terms,
-             'grad_norm': optax.global_norm(grads),
-             'update_norm': optax.global_norm(updates),
-             'param_norm': optax.global_norm(params)}
+             'grad_norm': optax.tree.norm(grads),
+             'update_norm': optax.tree.norm(updates),
+             'param_norm': optax.tree.norm(params)}
 
   critic = state.critic
   if spec.dpg is not None:
