@@ -64,9 +64,49 @@ def scale_by_adam_in(state_dtype, b1: float, b2: float, eps: float
   return optax.GradientTransformation(init, update)
 
 
+def _fused_adamw(reference: optax.GradientTransformation, lr_fn, *, b1, b2, eps,
+                 weight_decay, max_grad_norm, state_dtype) -> optax.GradientTransformation:
+  """Global-norm clipping + AdamW as ONE elementwise function per leaf.
+
+  The same arithmetic and the same state pytree as `reference` (the optax
+  chain clip -> (adam, decayed weights, lr)), so checkpoints of either restore
+  alike. Composed from separate optax transforms, XLA:CPU materialises the
+  clipped gradients and other per-leaf temporaries all at once: 1.8 GiB of
+  extra peak at SD1.4 size. One function per leaf leaves nothing but the
+  gradients themselves.
+  """
+  def update(grads, state, params):
+    clip_state, (adam, wd_state, lr_state) = state
+    if max_grad_norm:
+      norm = optax.tree.norm(grads)
+      scale = jnp.where(norm < max_grad_norm, 1.0, max_grad_norm / norm)
+    else:
+      scale = jnp.ones(())
+    count = optax.safe_increment(adam.count)
+    bc1 = 1 - b1 ** count.astype(jnp.float32)
+    bc2 = 1 - b2 ** count.astype(jnp.float32)
+    lr = lr_fn(lr_state.count)
+
+    def leaf(g, m, v, p):
+      g = g * scale
+      m = b1 * m.astype(jnp.float32) + (1 - b1) * g
+      v = b2 * v.astype(jnp.float32) + (1 - b2) * jnp.square(g)
+      u = -lr * ((m / bc1) / (jnp.sqrt(v / bc2) + eps) + weight_decay * p)
+      return u, m.astype(state_dtype), v.astype(state_dtype)
+
+    out = jax.tree.map(leaf, grads, adam.mu, adam.nu, params)
+    first = lambda i: jax.tree.map(lambda _, o: o[i], grads, out)
+    new_adam = adam._replace(count=count, mu=first(1), nu=first(2))
+    new_lr = lr_state._replace(count=optax.safe_increment(lr_state.count))
+    return first(0), (clip_state, (new_adam, wd_state, new_lr))
+
+  return optax.GradientTransformation(reference.init, update)
+
+
 class Optimizer(NamedTuple):
-  tx: optax.GradientTransformation
+  tx: optax.GradientTransformation         # what the step runs (fused)
   lr_schedule: optax.Schedule
+  reference: optax.GradientTransformation  # the same update from optax's transforms
 
 
 def make_optimizer(config) -> Optimizer:
@@ -76,13 +116,16 @@ def make_optimizer(config) -> Optimizer:
   if state_dtype not in STATE_DTYPES:
     raise ValueError(f'config key optimizer_state_dtype={state_dtype!r}: expected one of '
                      f'{STATE_DTYPES}.')
-  parts = []
-  if config.max_grad_norm and config.max_grad_norm > 0:
-    parts.append(optax.clip_by_global_norm(config.max_grad_norm))
-  # The same nesting as optax.adamw, so checkpoints of either restore alike.
-  parts.append(optax.chain(
-      scale_by_adam_in(jnp.dtype(state_dtype), config.adam_b1, config.adam_b2,
-                       config.adam_eps),
-      optax.add_decayed_weights(config.weight_decay),
-      optax.scale_by_learning_rate(lr_fn)))
-  return Optimizer(optax.chain(*parts), lr_fn)
+  max_norm = config.max_grad_norm if config.max_grad_norm and config.max_grad_norm > 0 else 0.0
+  # The reference: optax's own transforms, the same nesting as optax.adamw.
+  reference = optax.chain(
+      optax.clip_by_global_norm(max_norm) if max_norm else optax.identity(),
+      optax.chain(
+          scale_by_adam_in(jnp.dtype(state_dtype), config.adam_b1, config.adam_b2,
+                           config.adam_eps),
+          optax.add_decayed_weights(config.weight_decay),
+          optax.scale_by_learning_rate(lr_fn)))
+  tx = _fused_adamw(reference, lr_fn, b1=config.adam_b1, b2=config.adam_b2,
+                    eps=config.adam_eps, weight_decay=config.weight_decay,
+                    max_grad_norm=max_norm, state_dtype=jnp.dtype(state_dtype))
+  return Optimizer(tx, lr_fn, reference)
