@@ -234,16 +234,20 @@ def test_pinned_libraries_deprecation_notices_are_dropped_others_kept():
                       'your version of Transformers.',
   }
   for library, notice in notices.items():
-    handler, = logging.getLogger(library).handlers
-    buf = io.StringIO()
-    old = handler.setStream(buf)
+    # The library's own stream handler (other tests may have added more).
+    handlers = [h for h in logging.getLogger(library).handlers
+                if isinstance(h, logging.StreamHandler)]
+    assert handlers
+    bufs = [io.StringIO() for _ in handlers]
+    olds = [h.setStream(b) for h, b in zip(handlers, bufs)]
     try:
       logger = logging.getLogger(f'{library}.models.some_flax_module')
       logger.warning(notice)
       logger.warning('a real warning')
     finally:
-      handler.setStream(old)
-    assert buf.getvalue() == 'a real warning\n'
+      for h, old in zip(handlers, olds):
+        h.setStream(old)
+    assert bufs[0].getvalue() == 'a real warning\n'
 
 
 def _warn_from(module_name: str):

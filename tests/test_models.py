@@ -282,7 +282,8 @@ def test_export_pipeline_formats(tmp_path, tiny_sd):
   config = default_config.get_config()
   export.check_config(config)
   # --mode=sample finds a torch-only export of a workdir.
-  _, loaded = sample.load_trained(str(tmp_path / 'torch'), config)
+  _, loaded, info = sample.load_trained(str(tmp_path / 'torch'), config)
+  assert info['weights'] == 'export' and info['path'].endswith('export_torch')
   assert _equal_trees(loaded, params)
   config.export_format = 'pytorch'
   with pytest.raises(ValueError, match=r"config key export_format='pytorch'"):
