@@ -65,6 +65,7 @@ import tqdm
 from dpg_jax import encoders
 from dpg_jax import fileio
 from dpg_jax import rewards
+from dpg_jax import run_config
 
 METRICS = ('dino', 'clip_i', 'clip_t')
 METRIC_NAMES = {'dino': 'DINO', 'clip_i': 'CLIP-I', 'clip_t': 'CLIP-T'}
@@ -537,16 +538,6 @@ RESULT_NEUTRAL_KEYS = (
     'distributed', 'compilation_cache_dir')
 
 
-def _flatten(tree: dict, prefix: str = '') -> dict:
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, dict):
-      out.update(_flatten(v, f'{prefix}{k}.'))
-    else:
-      out[f'{prefix}{k}'] = v
-  return out
-
-
 def training_fingerprint(cfg, workdir: str) -> tuple[str, dict]:
   """(hash, fields) of the training-config fields that affect the trained result.
 
@@ -556,7 +547,7 @@ def training_fingerprint(cfg, workdir: str) -> tuple[str, dict]:
   workdir = os.path.abspath(workdir)
   neutral = lambda key: any(key == n or key.startswith(n + '.') for n in RESULT_NEUTRAL_KEYS)
   portable = lambda v: v.replace(workdir, '$WORKDIR') if isinstance(v, str) else v
-  fields = {k: portable(v) for k, v in _flatten(cfg.to_dict()).items() if not neutral(k)}
+  fields = {k: portable(v) for k, v in run_config.flatten(cfg.to_dict()).items() if not neutral(k)}
   # Round-trip through JSON: tuples become lists, as in the file it is compared with.
   fields = json.loads(json.dumps(fields, sort_keys=True, default=str))
   return _short_hash(fields), fields

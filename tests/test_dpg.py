@@ -392,6 +392,27 @@ def test_faithful_critic_diverges_and_stops_cleanly(tiny_sd, tiny_sd_dir, tmp_pa
     assert _all_finite(state), step
 
 
+def test_dpg_resume_is_exact_critic_included(tiny_sd, tiny_sd_dir, tmp_path):
+  """Stopped at step 2 and resumed to 4 == run to 4 at once, bit for bit: UNet,
+  optimiser and the critic's params, optimiser and target statistics (the
+  critical path of every preempted DPG run; the slow test below runs longer)."""
+  full, resumed = str(tmp_path / 'full'), str(tmp_path / 'resumed')
+  train.train_and_evaluate(_loop_config(tiny_sd_dir, 'robust', {
+      'num_steps': 4, 'checkpoint_every': 2}), full)
+  for n in (2, 4):
+    train.train_and_evaluate(_loop_config(tiny_sd_dir, 'robust', {
+        'num_steps': n, 'checkpoint_every': 2}), resumed)
+  assert [r['step'] for r in writers.read_metrics(resumed)] == [1, 2, 3, 4]
+  config = _loop_config(tiny_sd_dir, 'robust')
+  target = _abstract_state(config, tiny_sd, full)
+  a, b = _restore_all(full, target)[4], _restore_all(resumed, target)[4]
+  assert int(b.critic['look_forward'].step) == 4
+  assert _max_abs(jax.tree.map(jnp.subtract, a.critic['look_forward'].params,
+                               _restore_all(full, target)[2].critic['look_forward'].params)) > 0
+  _assert_trees_close(b.critic, a.critic, atol=0)
+  _assert_trees_close(b, a, atol=0)
+
+
 _E2E_STEPS = 120     # the uninterrupted tiny DPG run
 _E2E_EVERY = 20      # its checkpoint interval
 _RESUME_AT, _RESUME_TO = 20, 40
