@@ -310,5 +310,11 @@ class Checkpointer:
     try:
       self.wait()
     finally:
+      # Orbax starts a thread at construction that cleans up temporary dirs of
+      # killed saves, and its close() does not wait for it: a run that stops
+      # right after start-up (a user error) would die in it at interpreter exit.
+      await_cleanup = getattr(self._mgr, '_maybe_await_cleanup_tmp_directory', None)
+      if await_cleanup is not None:
+        await_cleanup()
       self._mgr.close()
       std_logging.getLogger('absl').removeFilter(self._filter)
