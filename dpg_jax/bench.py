@@ -236,6 +236,8 @@ def bench_variant(config, sd, params, workdir, sd14: bool = False):
   xla_mem = {'xla_args_gib': gib('argument_size_in_bytes'),
              'xla_temp_gib': gib('temp_size_in_bytes'),
              'xla_alias_gib': gib('alias_size_in_bytes')}
+  # Printed now: a step that then runs out of memory has still said why.
+  print('compiled', json.dumps({'compile_s': compile_s, **xla_mem}), flush=True)
   box = {'state': state, 'metrics': None}
 
   def run_step(i: int) -> float:
