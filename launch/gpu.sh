@@ -4,5 +4,7 @@
 set -euo pipefail
 CONFIG=${1:?config file}; WORKDIR=${2:?workdir}; shift 2
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.95}
+# The compile cache is on by default (config compilation_cache_dir: ~/.cache/dpg_jax/xla);
+# JAX_CACHE points it elsewhere.
 exec python3 -m dpg_jax.main --config="$CONFIG" --workdir="$WORKDIR" \
-  --config.compilation_cache_dir="${JAX_CACHE:-$HOME/.cache/dpg_jax_xla}" "$@"
+  ${JAX_CACHE:+--config.compilation_cache_dir="$JAX_CACHE"} "$@"
