@@ -221,8 +221,10 @@ def bench_variant(config, sd, params, workdir, sd14: bool = False):
   # As the loop: compiled before the state exists, which then takes the
   # trainable weights without a copy; every other reference is dropped, so
   # peak memory is the run's.
+  timings = {}
   compiled, compile_s = train.compile_ahead(
-      train.compile_train_step(spec, mesh, state_sh, frozen_sh), abstract, batch(0), rng, frozen)
+      train.compile_train_step(spec, mesh, state_sh, frozen_sh), abstract, batch(0), rng, frozen,
+      timings)
   state, _ = train.create_sharded_state(spec, trainable, rng, mesh, config.mesh.param_sharding,
                                         donate_trainable=True)
   for name in trainable:
@@ -237,7 +239,7 @@ def bench_variant(config, sd, params, workdir, sd14: bool = False):
              'xla_temp_gib': gib('temp_size_in_bytes'),
              'xla_alias_gib': gib('alias_size_in_bytes')}
   # Printed now: a step that then runs out of memory has still said why.
-  print('compiled', json.dumps({'compile_s': compile_s, **xla_mem}), flush=True)
+  print('compiled', json.dumps({'compile_s': compile_s, **timings, **xla_mem}), flush=True)
   box = {'state': state, 'metrics': None}
 
   def run_step(i: int) -> float:
@@ -256,7 +258,7 @@ def bench_variant(config, sd, params, workdir, sd14: bool = False):
     med = statistics.median(times)
     mem, mem_kind = _peak_memory_bytes()
     peak = peak_tflops(config.model.dtype)
-    return {'compile_s': compile_s, 's_per_step': med, 'images_per_s': images / med,
+    return {'compile_s': compile_s, **timings, 's_per_step': med, 'images_per_s': images / med,
             'peak_mem_gib': mem / 2**30, 'mem_kind': mem_kind, 'gflop_per_step': flops / 1e9,
             'tflop_per_s': flops / med / 1e12, 'mfu': flops / med / 1e12 / peak,
             'loss_finite': bool(box['metrics']['finite']), **xla_mem}
@@ -396,7 +398,7 @@ def main(argv):
             f'text_encoder_trained={config.train_text_encoder} remat={config.model.remat} '
             f'attention={config.model.attention} opt_state={config.optimizer_state_dtype}')
   print('\n' + header)
-  print_table(rows, ('variant', 'compile_s', 's_per_step', 'images_per_s', 'peak_mem_gib',
+  print_table(rows, ('variant', 'compile_s', 'trace_s', 's_per_step', 'images_per_s', 'peak_mem_gib',
                      'xla_args_gib', 'xla_temp_gib', 'xla_alias_gib', 'gflop_per_step',
                      'tflop_per_s', 'mfu', 'step_ratio_vs_first', 'error'))
   peers = []

@@ -16,11 +16,14 @@ import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import numpy as np
 
+from dpg_jax import host_memory
+
 DATA = 'data'
 
 
 def setup_runtime(config) -> None:
   """Process-wide policy, set once before any array is created."""
+  host_memory.configure()
   if config.get('distributed', False):
     # Multi-host (TPU VM pods, multi-node GPU): coordinator etc. come from the
     # environment (TPU metadata, SLURM, or JAX_COORDINATOR_ADDRESS...).
