@@ -8,7 +8,7 @@ dependencies, and this file imports nothing from dpg_jax or jax):
 
 spec.json: {"unet": {...diffusers UNet config...}, "text_encoder": {...CLIP text
 config...}, "latent_hw": 32, "batch_size": 1, "prior_preservation": true,
-"train_text_encoder": false, "variant": "dreambooth" | "dpg", "steps": 3,
+"grad_accum_steps": 1, "train_text_encoder": false, "variant": "dreambooth" | "dpg", "steps": 3,
 "learning_rate": 1e-6, "max_grad_norm": 1.0, "gamma": 0.9986}
 
 The step is DreamBooth (instance + prior MSE) or the DPG look-forward step
@@ -79,11 +79,13 @@ def main(spec_path, out_path):
   copt = torch.optim.SGD(critic.parameters(), lr=0.01) if dpg else None
   betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
   abar_all = torch.cumprod(1 - betas, 0).float()
-  latents = torch.randn(n, c, hw, hw)       # precomputed VAE latents (scaled)
+  k = spec.get('grad_accum_steps', 1)
+  micro_latents = [torch.randn(n, c, hw, hw) for _ in range(k)]   # precomputed VAE latents
   ids = torch.randint(0, min(1000, te_cfg.vocab_size), (n, 77))
   context = None if train_te else torch.randn(n, 77, te_cfg.hidden_size)
 
-  def step():
+  def micro(latents):
+    """One micro-batch's forward and backward (gradients accumulate in .grad)."""
     eps = torch.randn_like(latents)
     t = torch.randint(0, 1000, (n,))
     a = abar_all[t][:, None, None, None]
@@ -97,17 +99,21 @@ def main(spec_path, out_path):
       loss = torch.mean(spec['gamma'] ** t[:b].float() * critic(resid)) + prior
     else:
       loss = torch.mean((pred[:b] - eps[:b]) ** 2) + prior
+    (loss / k).backward()
+    return loss, (resid.detach() if dpg else None)
+
+  def step():
     opt.zero_grad(set_to_none=True)
-    loss.backward()
+    out = [micro(latents) for latents in micro_latents]
     torch.nn.utils.clip_grad_norm_(params, spec['max_grad_norm'])
     opt.step()
-    if dpg:
-      r = resid.detach()
+    if dpg:   # the critic's SGD step on every micro-batch's detached residual
+      r = torch.cat([resid for _, resid in out])
       copt.zero_grad(set_to_none=True)
       closs = torch.mean((critic(r) - r.mean((1, 2, 3))) ** 2)
       closs.backward()
       copt.step()
-    return float(loss)
+    return float(sum(loss for loss, _ in out) / k)
 
   step()  # warm-up (allocator, oneDNN primitive caches)
   times = []
