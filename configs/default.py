@@ -78,6 +78,21 @@ def get_config():
   c.prior_loss_weight = 1.0
   c.prediction_type = ''           # '' = the scheduler's; epsilon | v_prediction
 
+  # --- What trains (dpg_jax/adapters.py) ---------------------------------------
+  c.finetune = ml_collections.ConfigDict()
+  # full (DreamBooth: UNet, + text encoder with train_text_encoder) | custom_diffusion | lora.
+  # custom_diffusion and lora need train_text_encoder=False; their export is the delta only.
+  c.finetune.method = 'full'
+  # Custom Diffusion (dpg_jax/custom_diffusion.py; diffusers' train_custom_diffusion.py flags):
+  c.finetune.modifier_token = '<new1>'         # '+'-separated new tokens; data.identifier is one
+  c.finetune.initializer_token = 'ktn+pll+ucd'  # each new token's row starts as this token's
+  c.finetune.freeze_model = 'crossattn_kv'     # crossattn_kv (attn2 k, v) | crossattn (+ q, out)
+  # LoRA (dpg_jax/lora.py): W + (alpha / rank) * dropout(x) A B on attention projections.
+  c.finetune.lora_rank = 4
+  c.finetune.lora_alpha = 4.0
+  c.finetune.lora_dropout = 0.0
+  c.finetune.lora_text_encoder = False         # also adapt the text encoder's q/k/v/out_proj
+
   # --- DPG (critic in latent space; see dpg_jax/dpg.py) -----------------------
   c.dpg = ml_collections.ConfigDict()
   c.dpg.enabled = False
