@@ -125,6 +125,14 @@ _DIFFUSERS_FILES = ('pytorch_lora_weights.safetensors',
                     'pytorch_custom_diffusion_weights.safetensors')
 
 
+def marker_file(folder: str) -> str:
+  """The file of a delta dir whose time is the export's (written last by export_delta)."""
+  for name in (ADAPTER_CONFIG,) + _DIFFUSERS_FILES:
+    if os.path.isfile(os.path.join(folder, name)):
+      return name
+  raise FileNotFoundError(f'{folder} holds no adapter delta.')
+
+
 def read_adapter_config(folder: str) -> dict | None:
   path = os.path.join(folder, ADAPTER_CONFIG)
   if not os.path.isfile(path):
