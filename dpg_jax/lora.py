@@ -191,9 +191,12 @@ class LoRA:
     meta = {}
     for comp in self.components:
       targets = UNET_TARGETS if comp == 'unet' else TEXT_TARGETS
+      # The LoraConfig fields diffusers passes to peft's LoraConfig(**...) on load.
       cfg = {'r': self.rank, 'lora_alpha': self.alpha, 'lora_dropout': self.dropout,
              'target_modules': sorted(t.replace('_0', '.0') for t in targets),
-             'bias': 'none', 'init_lora_weights': True, 'use_dora': False, 'use_rslora': False}
+             'rank_pattern': {}, 'alpha_pattern': {}, 'bias': 'none',
+             'init_lora_weights': True, 'use_dora': False, 'use_rslora': False,
+             'peft_type': 'LORA', 'fan_in_fan_out': False}
       meta.update({f'{_PREFIX[comp]}.{k}': v for k, v in cfg.items()})
     return {'format': 'pt', 'lora_adapter_metadata': json.dumps(meta, indent=2, sort_keys=True)}
 

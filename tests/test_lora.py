@@ -262,3 +262,31 @@ def test_lora_configs_train_export_and_sample(name, tmp_path):
   metrics = [json.loads(line) for line in open(tmp_path / 'metrics.jsonl')]
   assert all(np.isfinite(m['loss']) for m in metrics)
   del sd, params
+
+
+def _fixture_script():
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  path = os.path.join(os.path.dirname(FIXTURES), 'make_peft_fixtures.py')
+  spec = importlib.util.spec_from_file_location('make_peft_fixtures', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+@pytest.mark.parametrize('name', ['lora', 'custom_diffusion'])
+def test_pytorch_diffusers_loads_our_export(tiny_sd, tmp_path, name):
+  """The recorded check (make_peft_fixtures.py ours/check): diffusers' own loaders
+  (load_lora_weights; load_attn_procs + load_textual_inversion) installed our
+  exported files and computed our outputs. Our export of the same delta today
+  holds exactly the tensors and metadata checked."""
+  script = _fixture_script()
+  record = json.load(open(script.CHECK_JSON))[name]
+  assert record['ids_equal']
+  assert record['unet_eps_max_abs_diff'] < 1e-3 < record['unet_eps_max_abs']
+  assert record['text_encoder_max_abs_diff'] < 1e-4
+  assert record['processors'] == (['CustomDiffusionAttnProcessor'] if name == 'custom_diffusion'
+                                  else ['AttnProcessor2_0'])
+  method, trainable, _, _ = script.ours_deltas(tiny_sd)[name]
+  out = adapters.export_delta(str(tmp_path / name), method, trainable, {'pretrained': 'tiny'})
+  for f, digest in record['content_sha256'].items():
+    assert script.content_digest(os.path.join(out, f)) == digest, f
