@@ -4,7 +4,9 @@ Trains the cross-attention k/v of every transformer block and the embedding of
 the new token <new1> (initialised from 'ktn'); the rest of the model is frozen
 and out of the optimiser state (dpg_jax/custom_diffusion.py). AdamW, lr 1e-5
 scaled by the batch (diffusers' --scale_lr: 2e-5 at batch 2), 250 steps, prior
-preservation with 200 generated class images. Export: the delta only,
+preservation with 200 generated class images (`--config.data.real_prior=True` with a
+captioned data.class_dir for real ones), random-scale augmentation with the
+matching prompt words and the masked loss (dpg_jax/scale_augment.py). Export: the delta only,
 <workdir>/export/pytorch_custom_diffusion_weights.safetensors + <new1>.safetensors.
 
   python -m dpg_jax.main --config=configs/custom_diffusion.py --workdir=runs/cat \
@@ -29,6 +31,8 @@ def apply(c, tiny: bool = False):
   c.train_text_encoder = False       # only the new token's row of the text encoder trains
   c.prior_preservation = True
   c.prior_loss_weight = 1.0
+  c.data.scale_augment = True        # their random-scale crops, prompt words and masked loss
+  c.data.augment_bank = 8
   c.weight_decay = 1e-2
   c.max_grad_norm = 1.0
   if tiny:

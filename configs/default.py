@@ -53,6 +53,14 @@ def get_config():
   c.data.num_class_images = 8
   c.data.class_sample_steps = 50
   c.data.class_guidance_scale = 7.5
+  # Custom Diffusion's data recipe (dpg_jax/scale_augment.py): random-scale crops with the
+  # prompt words 'very small' / 'far away' / 'zoomed in' / 'close up' and the masked loss,
+  # drawn once into a pre-encoded bank of `augment_bank` crops per photo.
+  c.data.scale_augment = False
+  c.data.augment_bank = 8
+  # Real regularisation images: class_dir holds images.txt + caption.txt (one path /
+  # caption per line, as their retrieval script writes); each trains with its caption.
+  c.data.real_prior = False
 
   # --- Optimisation (DreamBooth baseline) -------------------------------------
   c.num_steps = 1000

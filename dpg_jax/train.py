@@ -38,6 +38,7 @@ from dpg_jax import optimizer as optimizer_lib
 from dpg_jax import preemption
 from dpg_jax import run_config
 from dpg_jax import sampling
+from dpg_jax import scale_augment
 from dpg_jax import sharding
 from dpg_jax import writers
 
@@ -123,7 +124,10 @@ def _micro_grads(spec: StepSpec, params, critic, frozen, micro, rng):
       if has_prior:
         context = jnp.concatenate([context, micro['class_context']])
     pred = predict(x_t, t, context)
-    inst_mse = _mse(pred[:n], target[:n])
+    if 'instance_mask' in micro:  # Custom Diffusion's scale augmentation: the valid region
+      inst_mse = scale_augment.masked_mse(pred[:n], target[:n], micro['instance_mask'])
+    else:
+      inst_mse = _mse(pred[:n], target[:n])
     prior_mse = _mse(pred[n:], target[n:]) if has_prior else jnp.zeros(())
     terms = {'instance_loss': inst_mse, 'prior_loss': prior_mse}
     if spec.dpg is None:
@@ -295,6 +299,8 @@ def conditioning_rows(sd, text_encoder_params, config, ids) -> dict:
 
 def host_batch(latents, conditioning: dict, *, step: int, config) -> dict:
   """The full host batch of one step: latents of `step` plus conditioning."""
+  if isinstance(latents, scale_augment.AugmentedLatents):  # per-row prompts and masks
+    return scale_augment.host_batch(latents, conditioning, step=step, config=config)
   gb = config.batch_size * config.grad_accum_steps
   batch = data_lib.sample_batch(latents, step=step, seed=config.seed, batch_size=gb)
   batch.update(conditioning)
@@ -374,6 +380,7 @@ def validate_config(config) -> None:
   optimizer_lib.make_optimizer(config)  # raises naming a bad optimiser key
   export_lib.check_config(config)
   adapters.validate_config(config)
+  scale_augment.validate_config(config)
   if config.dpg.enabled:
     dpg_lib.validate_config(config)
 
@@ -516,7 +523,7 @@ def _prepare_latents(config, workdir, sd, params, images, samplers):
   """Class images (generated once), image latents and the prompt conditioning."""
   instance_prompt, class_prompt = data_lib.resolve_prompts(config)
   class_images = None
-  if config.prior_preservation:
+  if config.prior_preservation and not scale_augment.real_prior(config):
     class_dir = data_lib.resolve_class_dir(config, workdir)
     gen = samplers.get(config.sample.scheduler, config.data.class_sample_steps,
                        config.data.class_guidance_scale)
@@ -539,6 +546,12 @@ def _prepare_latents(config, workdir, sd, params, images, samplers):
 
   ids = sd.tokenize([instance_prompt, class_prompt])
   prompt_batch = conditioning_rows(sd, params['text_encoder'], config, ids)
+  if scale_augment.enabled(config):  # a bank of augmented crops; captioned class images
+    latents, prompt_batch = scale_augment.prepare(
+        config, sd, params, images, latents,
+        lambda: scale_augment.read_captioned_dir(
+            config.data.class_dir, config.data.resolution, center_crop=config.data.center_crop,
+            seed=config.seed), text_in_step=adapters.text_in_step(config))
   return latents, prompt_batch, instance_prompt
 
 

@@ -235,3 +235,74 @@ def test_custom_diffusion_configs_train_export_and_sample(module, tmp_path):
   sd, params, info = sample_lib.load_trained(str(tmp_path), c)
   assert info['weights'] == 'export' and sd.text_encoder.config.vocab_size == 625
   del params
+
+
+# -----------------------------------------------------------------------------
+# Their data recipe (dpg_jax/scale_augment.py).
+# -----------------------------------------------------------------------------
+def test_scale_augment_crops_masks_and_prompt_words():
+  from dpg_jax import scale_augment  # pylint: disable=g-import-not-at-top
+  rs = np.random.RandomState(0)
+  images = rs.randint(1, 255, (3, 64, 64, 3)).astype(np.uint8)
+  crops, masks, prefix = scale_augment.crop_bank(images, per_image=40, seed=0, latent_scale=8,
+                                                 random_flip=False)
+  assert crops.shape == (120, 64, 64, 3) and masks.shape == (120, 1, 8, 8)
+  blank = np.all(np.abs(crops.astype(int) - 128) <= 1, axis=-1)   # pasted-on canvas
+  for c, m, p, b in zip(crops, masks, prefix, blank):
+    if p in (3, 4):   # zoomed in / close up: a crop of a bigger image, all valid
+      assert m.min() == 1.0 and not b.any()
+    else:             # the image pasted at a random place; the mask lies inside it
+      assert (m[0] == 1).sum() < 64
+      assert not b.reshape(8, 8, 8, 8).transpose(0, 2, 1, 3).reshape(8, 8, 64).all(-1)[
+          m[0] == 1].any()
+      if p in (1, 2):   # far away / very small: under 0.6 of the canvas
+        assert b.mean() > 1 - 0.6 ** 2 - 0.05
+  assert set(prefix.tolist()) == {0, 1, 2, 3, 4}
+  # Zoom-ins are about a third of the draws, as theirs (p = 0.34).
+  assert 0.2 < np.isin(prefix, [3, 4]).mean() < 0.5
+  # masked_mse: the mean over the valid region, per example.
+  pred, target = np.zeros((2, 4, 8, 8)), np.ones((2, 4, 8, 8))
+  target[0, :, :4] = 3.0
+  mask = np.zeros((2, 1, 8, 8))
+  mask[0, :, :4] = 1.0
+  mask[1] = 1.0
+  assert float(scale_augment.masked_mse(pred, target, mask)) == pytest.approx((9.0 + 1.0) / 2)
+
+
+def test_augmented_batches_carry_each_rows_prompt_and_captioned_priors(tiny_sd, tmp_path):
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from dpg_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+  from dpg_jax import scale_augment  # pylint: disable=g-import-not-at-top
+  c, sd, params, _ = _built(tiny_sd)
+  rs = np.random.RandomState(1)
+  (tmp_path / 'images').mkdir()
+  captions = ['a red toy', 'a toy on the grass', 'a blue cube']
+  for i in range(3):
+    Image.fromarray(rs.randint(0, 255, (70, 90, 3)).astype(np.uint8)).save(
+        tmp_path / 'images' / f'{i}.png')
+  (tmp_path / 'images.txt').write_text(''.join(f'images/{i}.png\n' for i in range(3)))
+  (tmp_path / 'caption.txt').write_text('\n'.join(captions) + '\n')
+  c.data.real_prior, c.data.class_dir, c.data.augment_bank = True, str(tmp_path), 2
+  train.validate_config(c)
+  images = rs.randint(0, 255, (2, 64, 64, 3)).astype(np.uint8)
+  h = 8
+  plain = data_lib.SubjectLatents(np.zeros((2, 4, h, h), np.float32),
+                                  np.zeros((2, 4, h, h), np.float32))
+  latents, tables = scale_augment.prepare(
+      c, sd, params, images, plain,
+      lambda: scale_augment.read_captioned_dir(str(tmp_path), 64, center_crop=True, seed=0),
+      text_in_step=True)
+  assert latents.num_instance == 4 and latents.num_class == 3
+  assert tables['instance_ids'].shape == (5, 77) and tables['class_ids'].shape == (3, 77)
+  np.testing.assert_array_equal(tables['class_ids'], sd.tokenize(captions))
+  for step in range(1, 4):
+    b = train.host_batch(latents, tables, step=step, config=c)
+    assert b['instance_mask'].shape == (2, 1, h, h) and b['class_ids'].shape == (2, 77)
+    cidx = data_lib.sample_indices(3, step=step, seed=c.seed, batch_size=2, stream=1)
+    np.testing.assert_array_equal(b['class_ids'], sd.tokenize([captions[i] for i in cidx]))
+    words = [scale_augment.PREFIXES[p] for p in latents.instance_prompt_id[b['instance_index']]]
+    np.testing.assert_array_equal(
+        b['instance_ids'], sd.tokenize([w + 'a photo of <new1> toy' for w in words]))
+  (tmp_path / 'caption.txt').write_text('one\n')
+  with pytest.raises(ValueError, match='images.txt has 3 lines and caption.txt 1'):
+    scale_augment.read_captioned_dir(str(tmp_path), 64, center_crop=True, seed=0)
