@@ -100,6 +100,7 @@ def get_config():
   c.finetune.lora_alpha = 4.0
   c.finetune.lora_dropout = 0.0
   c.finetune.lora_text_encoder = False         # also adapt the text encoder's q/k/v/out_proj
+  c.finetune.lora_form = 'intercept'           # intercept (x W + s x A B) | merge (W + s A B first)
 
   # --- DPG (critic in latent space; see dpg_jax/dpg.py) -----------------------
   c.dpg = ml_collections.ConfigDict()

@@ -35,7 +35,8 @@ _SHAPES = flags.DEFINE_enum('shapes', 'config', ['config', 'sd14'],
 _STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps (after one warm-up).')
 _VARIANTS = flags.DEFINE_list('variants', ['dreambooth'],
                               'Any of: dreambooth, dpg (look-forward), dpg_dino, '
-                              'custom_diffusion, custom_diffusion_dpg, lora, lora_dpg.')
+                              'custom_diffusion, custom_diffusion_dpg(_dino), lora, lora_dpg(_dino), '
+                              'lora_merge (LoRA merged into the kernels in the step).')
 _JSON = flags.DEFINE_string('json_out', '', 'Also write the rows here as JSON.')
 _PEER = flags.DEFINE_string(
     'peer_python', '', 'Python of a separate venv with torch, diffusers and transformers: also '
@@ -160,7 +161,8 @@ def peak_tflops(dtype: str) -> float:
 
 
 VARIANTS = ('dreambooth', 'dpg', 'dpg_dino', 'custom_diffusion', 'custom_diffusion_dpg',
-            'custom_diffusion_dpg_dino', 'lora', 'lora_dpg', 'lora_dpg_dino')
+            'custom_diffusion_dpg_dino', 'lora', 'lora_dpg', 'lora_dpg_dino', 'lora_merge',
+            'lora_merge_dpg')
 
 
 def apply_variant(config, variant: str):
@@ -174,6 +176,9 @@ def apply_variant(config, variant: str):
   with c.unlocked():
     if variant != base:
       c.grad_accum_unroll = 0
+    if base.startswith('lora_merge'):   # LoRA with W + s A B formed before the apply
+      c.finetune.lora_form = 'merge'
+      base = 'lora' + base[len('lora_merge'):]
     peft, _, dpg_part = base.partition('_dpg')
     if peft in ('custom_diffusion', 'lora'):
       # The method on the config's model and data; DPG as the 'dpg' variant.

@@ -40,6 +40,10 @@ from dpg_jax import weights
 WEIGHT_NAME = 'pytorch_lora_weights.safetensors'
 UNET_TARGETS = ('to_q', 'to_k', 'to_v', 'to_out_0')
 TEXT_TARGETS = ('q_proj', 'k_proj', 'v_proj', 'out_proj')
+# How the step forms the adapted layer: 'intercept' adds (alpha/r) x A B to the
+# frozen layer's output (the default: no [in, out] kernel gradient, dropout);
+# 'merge' builds W + (alpha/r) A B before the apply (same maths, for comparison).
+FORMS = ('intercept', 'merge')
 # Our component name -> diffusers' key prefix.
 _PREFIX = {'unet': 'unet', 'text_encoder': 'text_encoder'}
 
@@ -53,6 +57,12 @@ def validate_config(config) -> None:
   if not isinstance(f.lora_dropout, (int, float)) or not 0.0 <= f.lora_dropout < 1.0:
     raise ValueError(f'config key finetune.lora_dropout={f.lora_dropout!r}: expected '
                      '0 <= dropout < 1.')
+  if f.lora_form not in FORMS:
+    raise ValueError(f'config key finetune.lora_form={f.lora_form!r}: expected one of {FORMS}.')
+  if f.lora_form == 'merge' and f.lora_dropout:
+    raise ValueError(f"config key finetune.lora_form='merge' forms W + (alpha/r) A B before the "
+                     f'layer, where no dropout of its input exists; lora_dropout='
+                     f'{f.lora_dropout} needs lora_form=\'intercept\'.')
 
 
 def text_in_step(config) -> bool:
@@ -63,7 +73,8 @@ def build(config, sd, params):
   f = config.finetune
   components = ('unet', 'text_encoder') if f.lora_text_encoder else ('unet',)
   return sd, params, LoRA(rank=int(f.lora_rank), alpha=float(f.lora_alpha),
-                          dropout=float(f.lora_dropout), components=components)
+                          dropout=float(f.lora_dropout), components=components,
+                          form=f.get('lora_form', 'intercept'))
 
 
 def _is_target(component: str, module_path) -> bool:
@@ -93,6 +104,7 @@ class LoRA:
   alpha: float
   dropout: float = 0.0
   components: tuple = ('unet',)
+  form: str = 'intercept'        # one of FORMS (how the step forms the adapted layer)
   name: str = 'lora'
 
   @property
@@ -143,6 +155,11 @@ class LoRA:
 
   def model_fns(self, sd, trainable, base, rng):
     """(encode_text(ids), predict(x_t, t, context)) of the adapted model."""
+    if self.form == 'merge':
+      merged = self.merge(base, trainable)
+      return (lambda ids: sd.encode_text(merged['text_encoder'], ids),
+              lambda x, t, c: sd.predict(merged['unet'], x, t, c))
+
     def encode(ids):
       with nn.intercept_methods(self.interceptor(trainable.get('text_encoder', {}),
                                                  jax.random.fold_in(rng, 1))):

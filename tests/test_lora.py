@@ -153,15 +153,15 @@ def one_step(tiny_sd, config, workdir):
 
 
 @pytest.fixture(scope='module')
-def lora_dpg_step(tiny_sd, tmp_path_factory):
-  return one_step(tiny_sd, _step_config('look_forward:1.0', lora_text_encoder=True),
+def lora_step(tiny_sd, tmp_path_factory):
+  # DPG with adapters is the Custom Diffusion step's test (and the slow reward matrix).
+  return one_step(tiny_sd, _step_config(None, lora_text_encoder=True, lora_dropout=0.1),
                   str(tmp_path_factory.mktemp('lora_step')))
 
 
-def test_lora_dpg_step_trains_exactly_the_adapters(lora_dpg_step):
-  method, base, before, after, metrics = lora_dpg_step
+def test_lora_step_trains_exactly_the_adapters(lora_step):
+  method, base, before, after, metrics = lora_step
   assert bool(metrics['finite'])
-  assert float(metrics['dpg/q_look_forward']) != 0.0   # the critic's term is in the loss
   # Every adapter leaf (UNet and text encoder) moved; the state holds nothing else.
   flat_b, flat_a = (traverse_util.flatten_dict(s.params) for s in (before, after))
   assert flat_b.keys() == flat_a.keys()
@@ -186,22 +186,36 @@ def test_lora_dpg_step_trains_exactly_the_adapters(lora_dpg_step):
         np.testing.assert_array_equal(x, y, err_msg=str(path))
 
 
-def test_lora_dropout_is_applied_in_the_step_only(tiny_sd):
-  sd, params = tiny_sd
-  method = lora.LoRA(rank=2, alpha=2.0, dropout=0.5)
-  trainable = jax.tree.map(lambda x: x + 0.3, method.init_trainable(params, jax.random.PRNGKey(0)))
-  x = jnp.ones((1, 4, 8, 8))
-  t = jnp.array([10])
-  ctx = jnp.ones((1, 77, 32))
-  base = method.frozen_base(params)
-  run = jax.jit(lambda m, key: m.model_fns(sd, trainable, base, key)[1](x, t, ctx),
-                static_argnums=0)
+def test_lora_interceptor_dropout_and_merge_on_a_block():
+  """On a diffusers transformer block: the interceptor adds (alpha/r) x A B (= the merged
+  kernel, and lora_form='merge'), dropout masks the adapter input with a fresh mask per key."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  import test_custom_diffusion  # pylint: disable=g-import-not-at-top
+  block, params, x, ctx = test_custom_diffusion._block()  # pylint: disable=protected-access
+  rs = np.random.RandomState(0)
+  tree = {attn: {proj: {'lora_a': jnp.asarray(rs.randn(32, 2), jnp.float32),
+                        'lora_b': jnp.asarray(rs.randn(2, 32), jnp.float32)}
+                 for proj in lora.UNET_TARGETS} for attn in ('attn1', 'attn2')}
+  tree['attn2'] = {k: v for k, v in tree['attn2'].items() if k != 'to_k'}
+  method = lora.LoRA(rank=2, alpha=3.0, dropout=0.5)
+
+  def run(m, key):
+    with nn.intercept_methods(m.interceptor(tree, key)):
+      return block.apply({'params': params}, x, ctx)
+
   p1, p2 = run(method, jax.random.PRNGKey(0)), run(method, jax.random.PRNGKey(1))
-  assert float(jnp.abs(p1 - p2).max()) > 1e-4   # different dropout masks
+  assert float(jnp.abs(p1 - p2).max()) > 1e-3   # different dropout masks
   no_drop = dataclasses.replace(method, dropout=0.0)
-  merged = no_drop.merge(params, trainable)
-  np.testing.assert_allclose(run(no_drop, jax.random.PRNGKey(0)),
-                             jax.jit(sd.predict)(merged['unet'], x, t, ctx), atol=1e-5)
+  merged = no_drop.merge({'unet': params}, {'unet': tree})['unet']
+  want = block.apply({'params': merged}, x, ctx)
+  np.testing.assert_allclose(run(no_drop, jax.random.PRNGKey(0)), want, atol=1e-4, rtol=1e-4)
+  assert float(jnp.abs(want - block.apply({'params': params}, x, ctx)).max()) > 1e-2
+  kernel = lambda t, a, p: np.asarray(t[a][p]['kernel'])
+  np.testing.assert_array_equal(kernel(merged, 'attn2', 'to_k'), kernel(params, 'attn2', 'to_k'))
+  np.testing.assert_allclose(
+      kernel(merged, 'attn1', 'to_q'),
+      kernel(params, 'attn1', 'to_q') + 1.5 * tree['attn1']['to_q']['lora_a'] @
+      tree["attn1"]["to_q"]["lora_b"], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize('overrides, message', [
@@ -209,6 +223,8 @@ def test_lora_dropout_is_applied_in_the_step_only(tiny_sd):
     ({'finetune.lora_alpha': -1.0}, 'finetune.lora_alpha=-1.0'),
     ({'finetune.lora_dropout': 1.0}, 'finetune.lora_dropout=1.0'),
     ({'finetune.method': 'qlora'}, "finetune.method='qlora'"),
+    ({'finetune.lora_form': 'fused'}, "finetune.lora_form='fused'"),
+    ({'finetune.lora_form': 'merge', 'finetune.lora_dropout': 0.1}, "lora_form='merge' forms"),
     ({'train_text_encoder': True}, 'train_text_encoder=True'),
 ])
 def test_bad_lora_config_is_one_line_error(overrides, message):
@@ -290,3 +306,28 @@ def test_pytorch_diffusers_loads_our_export(tiny_sd, tmp_path, name):
   out = adapters.export_delta(str(tmp_path / name), method, trainable, {'pretrained': 'tiny'})
   for f, digest in record['content_sha256'].items():
     assert script.content_digest(os.path.join(out, f)) == digest, f
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('rewards', ['look_forward:1.0', 'dino:1.0', 'clip_image:1.0',
+                                     'clip_text:1.0', 'peft_test_host:1.0'])
+@pytest.mark.parametrize('method', ['lora', 'custom_diffusion'])
+def test_every_dpg_reward_trains_only_the_adapters(tiny_sd, tmp_path, method, rewards):
+  """Each reward's policy gradient reaches the method's parameters and nothing else."""
+  from configs import custom_diffusion_dpg  # pylint: disable=g-import-not-at-top
+  from dpg_jax import rewards as rewards_lib  # pylint: disable=g-import-not-at-top
+  rewards_lib.register_host_reward(
+      'peft_test_host', lambda images, prompts: images.mean(axis=(1, 2, 3)) / 255.0,
+      overwrite=True)
+  c = custom_diffusion_dpg.get_config('tiny') if method == 'custom_diffusion' else \
+      lora_dpg.get_config('tiny')
+  c.batch_size, c.warmup_steps, c.dpg.rewards = 2, 0, rewards
+  c.dpg.instance_mse_weight = 0.0   # the reward's term alone moves the policy
+  c.prior_loss_weight = 0.0
+  m, base, before, after, metrics = one_step(tiny_sd, c, str(tmp_path))
+  assert bool(metrics['finite'])
+  flat_b, flat_a = (traverse_util.flatten_dict(s.params) for s in (before, after))
+  moved = [k for k in flat_a if np.abs(flat_a[k] - flat_b[k]).max() > 0]
+  assert moved, 'the reward moved no trainable parameter'
+  assert adapters.tree_bytes(after.opt_state) <= 2 * adapters.tree_bytes(after.params) + 64
+  del m, base
