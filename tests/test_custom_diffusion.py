@@ -319,3 +319,26 @@ def test_augmented_batches_carry_each_rows_prompt_and_captioned_priors(tiny_sd, 
   (tmp_path / 'caption.txt').write_text('one\n')
   with pytest.raises(ValueError, match='images.txt has 3 lines and caption.txt 1'):
     scale_augment.read_captioned_dir(str(tmp_path), 64, center_crop=True, seed=0)
+
+
+PEFT_METHODS = ('custom_diffusion', 'custom_diffusion_dpg', 'custom_diffusion_dpg_dino', 'lora',
+                'lora_dpg')
+
+
+def test_evaluation_driver_knows_the_methods(tmp_path):
+  """Every Custom Diffusion / LoRA row (SD1.4 and tiny) resolves to a valid training config;
+  Custom Diffusion keeps its token as the identifier and gets prompts naming it."""
+  import test_evaluation  # pylint: disable=g-import-not-at-top
+  from configs import eval_dreambench  # pylint: disable=g-import-not-at-top
+  from dpg_jax import evaluation  # pylint: disable=g-import-not-at-top
+  config = eval_dreambench.get_config()
+  spec = test_evaluation._subject_spec(tmp_path)  # pylint: disable=protected-access
+  for name in PEFT_METHODS + tuple(f'tiny_{m}' for m in PEFT_METHODS):
+    cfg = evaluation.training_config(config, name, spec, str(tmp_path))
+    train.validate_config(cfg)
+    method = 'lora' if 'lora' in name else 'custom_diffusion'
+    assert cfg.finetune.method == method
+    assert cfg.data.identifier == ('<new1>' if method == 'custom_diffusion' else 'sks')
+    assert cfg.dpg.enabled == ('dpg' in name)
+  assert evaluation._with_identifier('a sks toy near sksx', 'sks', '<new1>') == (  # pylint: disable=protected-access
+      'a <new1> toy near sksx')
