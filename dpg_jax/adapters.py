@@ -80,15 +80,6 @@ def build(config, sd, params):
   return _module(name).build(config, sd, params)
 
 
-def split(method, params, rng):
-  """(trainable, base) of loaded `params`; base = what the step reads frozen.
-
-  The trainable arrays are new (copies or fresh adapters): the state may
-  donate them while `params` stays whole for previews and the export.
-  """
-  return method.init_trainable(params, rng), method.frozen_base(params)
-
-
 def tree_bytes(tree) -> int:
   return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
@@ -141,11 +132,11 @@ def read_adapter_config(folder: str) -> dict | None:
     return json.load(f)
 
 
-def load_delta_dir(folder: str, config, load_base):
+def load_delta_dir(folder: str, load_base):
   """(sd, params, method) with the delta in `folder` applied to its base model.
 
   load_base(record or None) -> (sd, params): the base of adapter_config.json's
-  `base_model`, or (no adapter_config.json: a folder of diffusers files) the
+  `base_model`, or (None: a folder of diffusers files without one) the run
   config's model.
   """
   record = read_adapter_config(folder)

@@ -85,7 +85,7 @@ def load_trained(source: str, config):
   """(sd, params, info) of the newest trained state of `source` (see newest_trained)."""
   info = newest_trained(source)
   if info['weights'] != 'checkpoint' and adapters.is_delta_dir(info['path']):
-    sd, params, _ = adapters.load_delta_dir(info['path'], config,
+    sd, params, _ = adapters.load_delta_dir(info['path'],
                                             lambda base: _load_base(base, config, source))
   elif info['weights'] != 'checkpoint':
     sd, params = models.load_stable_diffusion(info['path'], dtype=config.model.dtype,

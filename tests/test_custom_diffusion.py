@@ -106,7 +106,7 @@ def test_our_files_have_diffusers_names_and_shapes(tiny_sd, tmp_path):
 def test_diffusers_files_reproduce_the_torch_outputs(tiny_sd):
   """A diffusers-made delta (no adapter_config.json) applied by our Flax path."""
   ref = np.load(os.path.join(FIXTURES, 'parity.npz'))
-  sd, params, method = adapters.load_delta_dir(CD_DIR, None, lambda base: tiny_sd)
+  sd, params, method = adapters.load_delta_dir(CD_DIR, lambda base: tiny_sd)
   assert method.freeze_model == 'crossattn' and method.modifier_tokens == ('<new1>',)
   ids = sd.tokenize(['a photo of <new1> dog'])
   np.testing.assert_array_equal(ids, ref['new_ids'])
