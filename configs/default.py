@@ -53,6 +53,14 @@ def get_config():
   c.data.num_class_images = 8
   c.data.class_sample_steps = 50
   c.data.class_guidance_scale = 7.5
+  # Custom Diffusion's data recipe (dpg_jax/scale_augment.py): random-scale crops with the
+  # prompt words 'very small' / 'far away' / 'zoomed in' / 'close up' and the masked loss,
+  # drawn once into a pre-encoded bank of `augment_bank` crops per photo.
+  c.data.scale_augment = False
+  c.data.augment_bank = 8
+  # Real regularisation images: class_dir holds images.txt + caption.txt (one path /
+  # caption per line, as their retrieval script writes); each trains with its caption.
+  c.data.real_prior = False
 
   # --- Optimisation (DreamBooth baseline) -------------------------------------
   c.num_steps = 1000
@@ -77,6 +85,22 @@ def get_config():
   c.prior_preservation = True
   c.prior_loss_weight = 1.0
   c.prediction_type = ''           # '' = the scheduler's; epsilon | v_prediction
+
+  # --- What trains (dpg_jax/adapters.py) ---------------------------------------
+  c.finetune = ml_collections.ConfigDict()
+  # full (DreamBooth: UNet, + text encoder with train_text_encoder) | custom_diffusion | lora.
+  # custom_diffusion and lora need train_text_encoder=False; their export is the delta only.
+  c.finetune.method = 'full'
+  # Custom Diffusion (dpg_jax/custom_diffusion.py; diffusers' train_custom_diffusion.py flags):
+  c.finetune.modifier_token = '<new1>'         # '+'-separated new tokens; data.identifier is one
+  c.finetune.initializer_token = 'ktn+pll+ucd'  # each new token's row starts as this token's
+  c.finetune.freeze_model = 'crossattn_kv'     # crossattn_kv (attn2 k, v) | crossattn (+ q, out)
+  # LoRA (dpg_jax/lora.py): W + (alpha / rank) * dropout(x) A B on attention projections.
+  c.finetune.lora_rank = 4
+  c.finetune.lora_alpha = 4.0
+  c.finetune.lora_dropout = 0.0
+  c.finetune.lora_text_encoder = False         # also adapt the text encoder's q/k/v/out_proj
+  c.finetune.lora_form = 'intercept'           # intercept (x W + s x A B) | merge (W + s A B first)
 
   # --- DPG (critic in latent space; see dpg_jax/dpg.py) -----------------------
   c.dpg = ml_collections.ConfigDict()

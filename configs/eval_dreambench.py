@@ -62,6 +62,17 @@ def get_config(protocol: str | None = None):
       'dreambooth_dpg_dino': 'configs/dreambooth_dpg_dino.py',
       'tiny': 'configs/tiny.py',
       'tiny_dpg': 'configs/tiny_dpg.py',
+      # Custom Diffusion (the paper's other Table 1 rows) and LoRA, alone and with DPG.
+      'custom_diffusion': 'configs/custom_diffusion.py',
+      'custom_diffusion_dpg': 'configs/custom_diffusion_dpg.py',
+      'custom_diffusion_dpg_dino': 'configs/custom_diffusion_dpg_dino.py',
+      'lora': 'configs/lora.py',
+      'lora_dpg': 'configs/lora_dpg.py',
+      'tiny_custom_diffusion': 'configs/custom_diffusion.py:tiny',
+      'tiny_custom_diffusion_dpg': 'configs/custom_diffusion_dpg.py:tiny',
+      'tiny_custom_diffusion_dpg_dino': 'configs/custom_diffusion_dpg_dino.py:tiny',
+      'tiny_lora': 'configs/lora.py:tiny',
+      'tiny_lora_dpg': 'configs/lora_dpg.py:tiny',
   })
   # Overrides of every method's training config (None = keep the method's).
   c.train = ml_collections.ConfigDict()

@@ -34,7 +34,9 @@ _SHAPES = flags.DEFINE_enum('shapes', 'config', ['config', 'sd14'],
                             "'config': the config's model; 'sd14': SD1.4 shapes, random weights.")
 _STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps (after one warm-up).')
 _VARIANTS = flags.DEFINE_list('variants', ['dreambooth'],
-                              'Any of: dreambooth, dpg (look-forward), dpg_dino.')
+                              'Any of: dreambooth, dpg (look-forward), dpg_dino, '
+                              'custom_diffusion, custom_diffusion_dpg(_dino), lora, lora_dpg(_dino), '
+                              'lora_merge (LoRA merged into the kernels in the step).')
 _JSON = flags.DEFINE_string('json_out', '', 'Also write the rows here as JSON.')
 _PEER = flags.DEFINE_string(
     'peer_python', '', 'Python of a separate venv with torch, diffusers and transformers: also '
@@ -66,7 +68,23 @@ SD14_SCHEDULER = dict(_class_name='PNDMScheduler', beta_start=0.00085, beta_end=
 
 
 class _Tok:
+  """The SD1.4-shape model's stand-in tokenizer (random ids need none); new
+  tokens (Custom Diffusion) get the ids after the 49408 of SD1.4's vocabulary."""
   model_max_length = 77
+
+  def __init__(self):
+    self.added = []
+
+  def add_tokens(self, token):
+    self.added.append(token)
+    return 1
+
+  def convert_tokens_to_ids(self, tokens):
+    return [SD14_TEXT['vocab_size'] + self.added.index(t) for t in tokens]
+
+  def encode(self, text, add_special_tokens=False):
+    del text, add_special_tokens
+    return [1000]   # any single token: the weights are random
 
 
 def sd14_random(dtype: str, remat: bool, attention: str, remat_policy='nothing_saveable', *,
@@ -142,7 +160,9 @@ def peak_tflops(dtype: str) -> float:
   return float('nan')
 
 
-VARIANTS = ('dreambooth', 'dpg', 'dpg_dino')
+VARIANTS = ('dreambooth', 'dpg', 'dpg_dino', 'custom_diffusion', 'custom_diffusion_dpg',
+            'custom_diffusion_dpg_dino', 'lora', 'lora_dpg', 'lora_dpg_dino', 'lora_merge',
+            'lora_merge_dpg')
 
 
 def apply_variant(config, variant: str):
@@ -156,6 +176,19 @@ def apply_variant(config, variant: str):
   with c.unlocked():
     if variant != base:
       c.grad_accum_unroll = 0
+    if base.startswith('lora_merge'):   # LoRA with W + s A B formed before the apply
+      c.finetune.lora_form = 'merge'
+      base = 'lora' + base[len('lora_merge'):]
+    peft, _, dpg_part = base.partition('_dpg')
+    if peft in ('custom_diffusion', 'lora'):
+      # The method on the config's model and data; DPG as the 'dpg' variant.
+      c.finetune.method = peft
+      c.train_text_encoder = False
+      if peft == 'custom_diffusion':
+        c.data.identifier = c.finetune.modifier_token.split('+')[0]
+        if c.model.tiny:
+          c.finetune.initializer_token = 'toy'   # a single token of the toy tokenizer
+      base = 'dpg' + dpg_part if base.endswith(('_dpg', '_dpg_dino')) else 'dreambooth'
     if base == 'dreambooth':
       c.dpg.enabled = False
     elif base == 'dpg':
@@ -180,7 +213,10 @@ def bench_variant(config, sd, params, workdir, sd14: bool = False):
   from dpg_jax import sharding  # pylint: disable=g-import-not-at-top
   from dpg_jax import train  # pylint: disable=g-import-not-at-top
 
+  from dpg_jax import adapters  # pylint: disable=g-import-not-at-top
+
   mesh = sharding.make_mesh(config.mesh.data)
+  sd, params, peft = adapters.build(config, sd, params)
   h = config.data.resolution // sd.vae_scale
   rs = np.random.RandomState(0)
   dpg = None
@@ -194,7 +230,7 @@ def bench_variant(config, sd, params, workdir, sd14: bool = False):
       dino = (enc, jax.tree.map(lambda s: (0.02 * rs.randn(*s.shape)).astype(np.float32),
                                 enc.init_shapes()))
     dpg = dpg_lib.DPG.build(config, sd, refs, ['a photo of sks dog'], workdir, dino=dino)
-  spec = train.make_step_spec(sd, config, dpg)
+  spec = train.make_step_spec(sd, config, dpg, peft)
   lat = lambda n: rs.randn(n, sd.latent_channels, h, h).astype(np.float32)
   n_img = max(4, config.batch_size)
   latents = data_lib.SubjectLatents(lat(n_img), np.abs(lat(n_img)) * 0.1,
@@ -202,17 +238,23 @@ def bench_variant(config, sd, params, workdir, sd14: bool = False):
   # Random token ids: the SD1.4-shape model has no tokenizer (and needs none).
   vocab = min(1000, sd.text_encoder.config.vocab_size)
   ids = rs.randint(0, vocab, size=(2, sd.max_length)).astype(np.int32)
+  if peft is not None and peft.name == 'custom_diffusion':
+    ids[0, 2] = peft.first_new_id   # the instance prompt names the new token
   conditioning = train.conditioning_rows(sd, params['text_encoder'], config, ids)
   rng = jax.random.PRNGKey(0)
-  trainable = train.trainable_params(params, config)
+  if peft is None:
+    trainable = train.trainable_params(params, config)
+  else:
+    trainable = peft.init_trainable(params, rng)
   abstract, state_sh = train.abstract_state(spec, trainable, rng, mesh,
                                             config.mesh.param_sharding)
   frozen, frozen_sh = None, None
-  if dpg is not None:
-    frozen = dpg.frozen_inputs(params)
-    if frozen is not None:
-      frozen = sharding.put_replicated(frozen, mesh)
-      frozen_sh = jax.tree.map(lambda _: sharding.replicated(mesh), frozen)
+  if dpg is not None or peft is not None:
+    frozen = dict(dpg.frozen_inputs(params) if dpg is not None else {})
+    if peft is not None:   # the frozen base: a step input, as in the loop
+      frozen['peft'] = peft.frozen_base(params)
+    frozen = sharding.put_replicated(frozen, mesh)
+    frozen_sh = jax.tree.map(lambda _: sharding.replicated(mesh), frozen)
 
   def batch(i):
     return sharding.put_batch(train.host_batch(latents, conditioning, step=i, config=config),
@@ -229,8 +271,8 @@ def bench_variant(config, sd, params, workdir, sd14: bool = False):
                                         donate_trainable=True)
   # Hold only what the step uses, as the PyTorch peer does: the frozen VAE and
   # text encoder (0.77 GiB at SD1.4 size) have served the latents and the
-  # conditioning above (DPG's frozen inputs keep their own references). The
-  # training loop keeps them for previews and the export.
+  # conditioning above; DPG's frozen inputs and an adapter run's frozen base
+  # keep their own references. The training loop keeps them for previews.
   params.clear()
   del trainable
   cost = compiled.cost_analysis()
@@ -242,6 +284,8 @@ def bench_variant(config, sd, params, workdir, sd14: bool = False):
              'xla_temp_gib': gib('temp_size_in_bytes'),
              'xla_alias_gib': gib('alias_size_in_bytes')}
   # Printed now: a step that then runs out of memory has still said why.
+  opt_gib = adapters.tree_bytes(state.opt_state) / 2**30
+  trainable_m = sum(x.size for x in jax.tree.leaves(state.params)) / 1e6
   print('compiled', json.dumps({'compile_s': compile_s, **timings, **xla_mem}), flush=True)
   box = {'state': state, 'metrics': None}
 
@@ -264,7 +308,8 @@ def bench_variant(config, sd, params, workdir, sd14: bool = False):
     return {'compile_s': compile_s, **timings, 's_per_step': med, 'images_per_s': images / med,
             'peak_mem_gib': mem / 2**30, 'mem_kind': mem_kind, 'gflop_per_step': flops / 1e9,
             'tflop_per_s': flops / med / 1e12, 'mfu': flops / med / 1e12 / peak,
-            'loss_finite': bool(box['metrics']['finite']), **xla_mem}
+            'loss_finite': bool(box['metrics']['finite']), 'trainable_m': trainable_m,
+            'opt_state_gib': opt_gib, **xla_mem}
 
   return run_step, summary
 
@@ -401,7 +446,8 @@ def main(argv):
             f'text_encoder_trained={config.train_text_encoder} remat={config.model.remat} '
             f'attention={config.model.attention} opt_state={config.optimizer_state_dtype}')
   print('\n' + header)
-  print_table(rows, ('variant', 'compile_s', 'trace_s', 's_per_step', 'images_per_s', 'peak_mem_gib',
+  print_table(rows, ('variant', 'compile_s', 'trace_s', 's_per_step', 'images_per_s',
+                     'peak_mem_gib', 'trainable_m', 'opt_state_gib',
                      'xla_args_gib', 'xla_temp_gib', 'xla_alias_gib', 'gflop_per_step',
                      'tflop_per_s', 'mfu', 'step_ratio_vs_first', 'error'))
   peers = []

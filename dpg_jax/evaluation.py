@@ -580,7 +580,8 @@ def training_config(config, method: str, spec: SubjectSpec, workdir: str):
   d.synthetic, d.subject, d.instance_dir = False, '', ''
   for k, v in spec.data_overrides.items():
     d[k] = v
-  d.identifier = config.identifier
+  if cfg.finetune.method != 'custom_diffusion':  # its identifier is its new token (<new1>)
+    d.identifier = config.identifier
   d.class_noun = spec.subject.class_noun
   cfg.export = True  # the evaluation samples from <run>/export
   cfg.export_format = 'flax'  # a PyTorch copy per run would cost 3.4 GB at SD1.4 size
@@ -601,6 +602,20 @@ def training_config(config, method: str, spec: SubjectSpec, workdir: str):
     slug = re.sub(r'\W+', '_', class_prompt).strip('_')
     d.class_dir = os.path.join(workdir, 'class_images', f'{slug}_{key}')
   return cfg
+
+
+def _with_identifier(prompt: str, identifier: str, own: str) -> str:
+  """`prompt` naming the subject by the method's own identifier (Custom Diffusion's token)."""
+  if own == identifier:
+    return prompt
+  return re.sub(rf'(?<!\w){re.escape(identifier)}(?!\w)', lambda _: own, prompt)
+
+
+def _is_export(export_dir: str) -> bool:
+  """A trained run's export: a full pipeline, or a Custom Diffusion / LoRA delta."""
+  from dpg_jax import adapters  # pylint: disable=g-import-not-at-top
+  return (os.path.isfile(os.path.join(export_dir, 'model_index.json'))
+          or adapters.is_delta_dir(export_dir))
 
 
 def _pipeline_fingerprint(export_dir: str) -> str:
@@ -856,7 +871,7 @@ class Evaluator:
     export_dir = os.path.join(run_dir, 'export')
     fp, fields = self.fingerprints[method, name]
     finished = _read_json(os.path.join(run_dir, TRAIN_FINGERPRINT))
-    exported = os.path.isfile(os.path.join(export_dir, 'model_index.json'))
+    exported = _is_export(export_dir)
     if exported and finished is not None and finished.get('fingerprint') == fp:
       logging.info('Reusing the finished run %s', run_dir)
     else:
@@ -875,7 +890,7 @@ class Evaluator:
       logging.info('Training %s on %s into %s', method, name, run_dir)
       with self.timer('train', 1):
         self.train_fn(cfg, run_dir)
-      if not os.path.isfile(os.path.join(export_dir, 'model_index.json')):
+      if not _is_export(export_dir):
         raise RuntimeError(f'Training {method} on {name} left no pipeline in {export_dir}.')
       fileio.atomic_write_text(os.path.join(run_dir, TRAIN_FINGERPRINT), record)
       os.remove(os.path.join(run_dir, TRAIN_ATTEMPT))
@@ -906,7 +921,9 @@ class Evaluator:
     for c in range(0, len(todo), per_call):
       chunk = todo[c:c + per_call]
       with self.timer('generate', len(chunk) * ipp):
-        images = sampler(params, [prompts[i] for i in chunk for _ in seeds],
+        images = sampler(params, [_with_identifier(prompts[i], config.identifier,
+                                                   cfg.data.identifier)
+                                  for i in chunk for _ in seeds],
                          seeds * len(chunk), s.negative_prompt)
       for k, i in enumerate(chunk):
         imgs = images[k * ipp:(k + 1) * ipp]

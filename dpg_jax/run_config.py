@@ -22,6 +22,7 @@ SAFE_KEYS = (
     'sample.',                       # previews and --mode=sample
     'mesh.', 'distributed', 'compilation_cache_dir',  # layout: the state is restored into it
     'model.remat', 'model.remat_policy', 'model.attention',  # same maths, other memory / speed
+    'finetune.lora_form',            # the same adapted layer, formed another way
     'grad_accum_unroll',             # the same update as straight-line code or a scan
     'data.dataset_dir',              # where the dataset lives, not which subject
 )

@@ -20,6 +20,7 @@ import re
 from absl import logging
 import jax
 
+from dpg_jax import adapters
 from dpg_jax import checkpoint as ckpt_lib
 from dpg_jax import models
 from dpg_jax import sampling
@@ -28,6 +29,11 @@ from dpg_jax import sharding
 
 def _is_pipeline_dir(path: str) -> bool:
   return os.path.isfile(os.path.join(path, 'model_index.json'))
+
+
+def is_export(path: str) -> bool:
+  """A full pipeline, or a Custom Diffusion / LoRA delta (dpg_jax/adapters.py)."""
+  return _is_pipeline_dir(path) or adapters.is_delta_dir(path)
 
 
 def _latest_checkpoint(workdir: str):
@@ -48,17 +54,20 @@ def newest_trained(source: str) -> dict:
 
   weights: 'pipeline' (source is one; step unknown, None), 'export' or
   'checkpoint' (the newer of <source>/export and its latest checkpoint).
+  An adapter delta (ours or diffusers' LoRA / Custom Diffusion files) counts as
+  a pipeline or export; `load_trained` applies it to its base model.
   """
   if not os.path.isdir(source):
     raise FileNotFoundError(f'config key sample.source / --workdir: {source} does not exist.')
-  if _is_pipeline_dir(source):
+  if is_export(source):
     return {'weights': 'pipeline', 'path': source, 'step': None}
   export = os.path.join(source, 'export')
-  if not _is_pipeline_dir(export):   # export_format='torch' writes only export_torch/
+  if not is_export(export):   # export_format='torch' writes only export_torch/
     export = os.path.join(source, 'export_torch')
   latest = _latest_checkpoint(source)
-  if _is_pipeline_dir(export):
-    exported_ns = os.stat(os.path.join(export, 'model_index.json')).st_mtime_ns
+  if is_export(export):
+    marker = 'model_index.json' if _is_pipeline_dir(export) else adapters.marker_file(export)
+    exported_ns = os.stat(os.path.join(export, marker)).st_mtime_ns
     if latest is None or latest[2] <= exported_ns:
       # Training exports its final state right after checkpointing it: an
       # export newer than the latest checkpoint holds that checkpoint's step.
@@ -75,7 +84,10 @@ def newest_trained(source: str) -> dict:
 def load_trained(source: str, config):
   """(sd, params, info) of the newest trained state of `source` (see newest_trained)."""
   info = newest_trained(source)
-  if info['weights'] != 'checkpoint':
+  if info['weights'] != 'checkpoint' and adapters.is_delta_dir(info['path']):
+    sd, params, _ = adapters.load_delta_dir(info['path'],
+                                            lambda base: _load_base(base, config, source))
+  elif info['weights'] != 'checkpoint':
     sd, params = models.load_stable_diffusion(info['path'], dtype=config.model.dtype,
                                               attention=config.model.attention)
   else:
@@ -83,12 +95,25 @@ def load_trained(source: str, config):
     sd, params = train.load_model(config, source)
     ckpt = ckpt_lib.Checkpointer(info['path'], async_save=False)
     try:
-      params = dict(params, **ckpt.restore_subtree(info['step'], 'params'))
+      trained = ckpt.restore_subtree(info['step'], 'params')
     finally:
       ckpt.close()
+    sd, params, peft = adapters.build(config, sd, params)
+    params = dict(params, **trained) if peft is None else peft.merge(params, trained)
   logging.info('Sampling the %s %s (training step %s)', info['weights'], info['path'],
                _step_text(info['step']))
   return sd, params, info
+
+
+def _load_base(base, config, source):
+  """The base model of a delta: its adapter_config.json's, else the config's."""
+  if base is None:
+    from dpg_jax import train  # pylint: disable=g-import-not-at-top
+    return train.load_model(config, source)
+  return models.load_stable_diffusion(
+      base['pretrained'], revision=base.get('revision', ''),
+      weights_format=base.get('weights_format', 'auto'), dtype=config.model.dtype,
+      attention=config.model.attention)
 
 
 def _step_text(step) -> str:

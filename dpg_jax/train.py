@@ -26,6 +26,7 @@ import numpy as np
 import optax
 import tqdm
 
+from dpg_jax import adapters
 from dpg_jax import checkpoint as ckpt_lib
 from dpg_jax import data as data_lib
 from dpg_jax import diffusion
@@ -38,6 +39,7 @@ from dpg_jax import optimizer as optimizer_lib
 from dpg_jax import preemption
 from dpg_jax import run_config
 from dpg_jax import sampling
+from dpg_jax import scale_augment
 from dpg_jax import sharding
 from dpg_jax import writers
 
@@ -68,9 +70,10 @@ class StepSpec:
   optimizer: optax.GradientTransformation
   lr_schedule: optax.Schedule    # the optimiser's own, for logging
   dpg: Any = None                # dpg_lib.DPG or None
+  peft: Any = None               # an adapters method (Custom Diffusion, LoRA) or None
 
 
-def make_step_spec(sd, config, dpg: 'dpg_lib.DPG | None' = None) -> StepSpec:
+def make_step_spec(sd, config, dpg: 'dpg_lib.DPG | None' = None, peft=None) -> StepSpec:
   pred_type = config.prediction_type or sd.prediction_type
   if pred_type not in diffusion.PREDICTION_TYPES:
     raise ValueError(f"config key prediction_type={pred_type!r}: expected 'epsilon' or "
@@ -80,13 +83,22 @@ def make_step_spec(sd, config, dpg: 'dpg_lib.DPG | None' = None) -> StepSpec:
       sd=sd, alphas_cumprod=np.asarray(sd.alphas_cumprod()), batch_size=config.batch_size,
       grad_accum_steps=config.grad_accum_steps,
       grad_accum_unroll=config.get('grad_accum_unroll', 8),
-      train_text_encoder=config.train_text_encoder,
+      train_text_encoder=adapters.text_in_step(config),
       prior_preservation=config.prior_preservation, prior_loss_weight=config.prior_loss_weight,
-      prediction_type=pred_type, optimizer=opt.tx, lr_schedule=opt.lr_schedule, dpg=dpg)
+      prediction_type=pred_type, optimizer=opt.tx, lr_schedule=opt.lr_schedule, dpg=dpg,
+      peft=peft)
 
 
 def _mse(a, b):
   return jnp.mean(jnp.square(a - b))
+
+
+def _model_fns(spec: StepSpec, p, frozen, rng):
+  """(encode_text(ids), predict(x_t, t, context)) of the trainable params `p`."""
+  if spec.peft is not None:  # adapters on the frozen base, which the step gets as an input
+    return spec.peft.model_fns(spec.sd, p, frozen['peft'], jax.random.fold_in(rng, 0x10A))
+  return (lambda ids: spec.sd.encode_text(p['text_encoder'], ids),
+          lambda x, t, c: spec.sd.predict(p['unet'], x, t, c))
 
 
 def _micro_grads(spec: StepSpec, params, critic, frozen, micro, rng):
@@ -102,17 +114,21 @@ def _micro_grads(spec: StepSpec, params, critic, frozen, micro, rng):
   target = diffusion.target(spec.prediction_type, x0, eps, abar[t])
 
   def loss_fn(p):
+    encode, predict = _model_fns(spec, p, frozen, rng)
     if spec.train_text_encoder:
       ids = micro['instance_ids']
       if has_prior:
         ids = jnp.concatenate([ids, micro['class_ids']])
-      context = spec.sd.encode_text(p['text_encoder'], ids)
+      context = encode(ids)
     else:
       context = micro['instance_context']
       if has_prior:
         context = jnp.concatenate([context, micro['class_context']])
-    pred = spec.sd.predict(p['unet'], x_t, t, context)
-    inst_mse = _mse(pred[:n], target[:n])
+    pred = predict(x_t, t, context)
+    if 'instance_mask' in micro:  # Custom Diffusion's scale augmentation: the valid region
+      inst_mse = scale_augment.masked_mse(pred[:n], target[:n], micro['instance_mask'])
+    else:
+      inst_mse = _mse(pred[:n], target[:n])
     prior_mse = _mse(pred[n:], target[n:]) if has_prior else jnp.zeros(())
     terms = {'instance_loss': inst_mse, 'prior_loss': prior_mse}
     if spec.dpg is None:
@@ -281,7 +297,7 @@ def conditioning_rows(sd, text_encoder_params, config, ids) -> dict:
   gb = config.batch_size * config.grad_accum_steps
   names = ('instance', 'class')[:2 if config.prior_preservation else 1]
   ids = np.asarray(ids)[:len(names)]
-  if config.train_text_encoder:
+  if adapters.text_in_step(config):
     rows, kind = ids, 'ids'
   else:
     rows, kind = np.asarray(jax.jit(sd.encode_text)(text_encoder_params, ids)), 'context'
@@ -290,6 +306,8 @@ def conditioning_rows(sd, text_encoder_params, config, ids) -> dict:
 
 def host_batch(latents, conditioning: dict, *, step: int, config) -> dict:
   """The full host batch of one step: latents of `step` plus conditioning."""
+  if isinstance(latents, scale_augment.AugmentedLatents):  # per-row prompts and masks
+    return scale_augment.host_batch(latents, conditioning, step=step, config=config)
   gb = config.batch_size * config.grad_accum_steps
   batch = data_lib.sample_batch(latents, step=step, seed=config.seed, batch_size=gb)
   batch.update(conditioning)
@@ -368,6 +386,8 @@ def validate_config(config) -> None:
     _check_template(f'sample.prompts[{i}]', p)
   optimizer_lib.make_optimizer(config)  # raises naming a bad optimiser key
   export_lib.check_config(config)
+  adapters.validate_config(config)
+  scale_augment.validate_config(config)
   if config.dpg.enabled:
     dpg_lib.validate_config(config)
 
@@ -510,7 +530,7 @@ def _prepare_latents(config, workdir, sd, params, images, samplers):
   """Class images (generated once), image latents and the prompt conditioning."""
   instance_prompt, class_prompt = data_lib.resolve_prompts(config)
   class_images = None
-  if config.prior_preservation:
+  if config.prior_preservation and not scale_augment.real_prior(config):
     class_dir = data_lib.resolve_class_dir(config, workdir)
     gen = samplers.get(config.sample.scheduler, config.data.class_sample_steps,
                        config.data.class_guidance_scale)
@@ -533,6 +553,12 @@ def _prepare_latents(config, workdir, sd, params, images, samplers):
 
   ids = sd.tokenize([instance_prompt, class_prompt])
   prompt_batch = conditioning_rows(sd, params['text_encoder'], config, ids)
+  if scale_augment.enabled(config):  # a bank of augmented crops; captioned class images
+    latents, prompt_batch = scale_augment.prepare(
+        config, sd, params, images, latents,
+        lambda: scale_augment.read_captioned_dir(
+            config.data.class_dir, config.data.resolution, center_crop=config.data.center_crop,
+            seed=config.seed), text_in_step=adapters.text_in_step(config))
   return latents, prompt_batch, instance_prompt
 
 
@@ -566,6 +592,7 @@ def set_up(config: ml_collections.ConfigDict, workdir: str) -> Run:
     images, paths = load_instance_images(config, workdir)
     logging.info('%d instance images (%s)', len(paths), os.path.dirname(paths[0]))
     sd, params = load_model(config, workdir)
+    sd, params, peft = adapters.build(config, sd, params)  # Custom Diffusion: new tokens
     samplers = _SamplerCache(sd, config.data.resolution, config.sample.batch_size, mesh)
     latents, prompt_batch, instance_prompt = _prepare_latents(
         config, workdir, sd, params, images, samplers)
@@ -573,20 +600,26 @@ def set_up(config: ml_collections.ConfigDict, workdir: str) -> Run:
     dpg = None
     if config.dpg.enabled:
       dpg = dpg_lib.DPG.build(config, sd, images, [instance_prompt], workdir)
-    spec = make_step_spec(sd, config, dpg)
+    spec = make_step_spec(sd, config, dpg, peft)
     # The loaded trainable weights are handed to the state (no copy where they
     # already sit on the mesh; each extra UNet copy is 3.4 GB at SD1.4 size);
     # the frozen rest is placed once and shared by the step, the previews and
     # the export.
-    trainable = {name: params.pop(name) for name in trainable_params(params, config)}
+    if peft is None:
+      trainable = {name: params.pop(name) for name in trainable_params(params, config)}
+    else:  # new arrays (selected copies, adapters); the whole base stays frozen
+      trainable = peft.init_trainable(params, jax.random.PRNGKey(config.seed + 3))
     init_rng = jax.random.PRNGKey(config.seed)
     abstract, state_sh = abstract_state(spec, trainable, init_rng, mesh,
                                         config.mesh.param_sharding)
     frozen_params = _replicated(params, mesh)
     del params
     step_frozen = frozen_sh = None
-    if dpg is not None:
-      step_frozen = _on_mesh_once(dpg.frozen_inputs(frozen_params), frozen_params, mesh)
+    if dpg is not None or peft is not None:
+      step_frozen = dict(dpg.frozen_inputs(frozen_params) if dpg is not None else {})
+      if peft is not None:
+        step_frozen['peft'] = peft.frozen_base(frozen_params)
+      step_frozen = _on_mesh_once(step_frozen, frozen_params, mesh)
       frozen_sh = jax.tree.map(lambda _: sharding.replicated(mesh), step_frozen)
     rng = sharding.put_global(np.asarray(jax.random.PRNGKey(config.seed + 1)),
                               sharding.replicated(mesh))
@@ -656,6 +689,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   logging.info('Set-up took %.1fs', time.perf_counter() - t_setup)
 
   def full_params(st):
+    if run.spec.peft is not None:
+      return run.spec.peft.merge(run.frozen_params, st.params)
     return {**run.frozen_params, **st.params}
 
   def preview(st, step):
@@ -730,7 +765,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                f'{checkpointer.step_dir(step)}) before the export; rerun to export.')
         logging.warning(msg)
         raise preemption.Preempted(stop.signum, step, msg)
-      if config.export:
+      if config.export and run.spec.peft is not None:
+        exported = os.path.join(workdir, export_lib.DIRS['flax'])
+        if is_main:  # the delta only, in diffusers' formats (dpg_jax/adapters.py)
+          adapters.export_delta(exported, run.spec.peft, state.params,
+                                adapters.base_model_record(config, run.sd.source))
+          logging.info('Exported the %s delta to %s', run.spec.peft.name, exported)
+      elif config.export:
         exported = ', '.join(export_lib.export_paths(workdir, config.export_format))
         if is_main:
           export_lib.export_pipeline(workdir, run.sd, full_params(state),

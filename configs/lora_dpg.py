@@ -1,0 +1,25 @@
+"""LoRA with the DPG look-forward reward: DPG's policy gradient on rank-r adapters only.
+
+configs/lora.py plus the DPG terms of configs/dreambooth_dpg.py. The argument
+picks the critic preset ('faithful' by default, or 'robust'); 'tiny' runs the
+tiny random SD offline with the robust critic.
+
+  python -m dpg_jax.main --config=configs/lora_dpg.py --workdir=runs/dog \
+    --config.data.instance_dir=photos/dog --config.data.class_noun=dog
+  python -m dpg_jax.main --config=configs/lora_dpg.py:tiny --workdir=/tmp/lora_dpg
+"""
+from configs import lora
+from dpg_jax import critic
+
+
+def get_config(arg: str = 'faithful'):
+  tiny = arg == 'tiny'
+  c = lora.get_config('tiny' if tiny else '')
+  c.dpg.enabled = True
+  c.dpg.rewards = 'look_forward:1.0'
+  c.dpg.gamma = 0.9986
+  c.dpg.instance_mse_weight = 0.0
+  c.dpg.critic = critic.critic_config('robust' if tiny else (arg or 'faithful'))
+  c.dpg.critic.input = 'auto'
+  c.dpg.tiny_encoders = tiny
+  return c
