@@ -455,6 +455,8 @@ def main(argv):
     sd_shapes = sd14_random(config.model.dtype, False, 'standard', abstract=True)[0] if sd14 \
         else train.load_model(config, tempfile.mkdtemp(prefix='dpg_bench_'))[0]
     for r in ok:
+      if r['variant'].startswith(('custom_diffusion', 'lora')):
+        continue   # the peer fine-tunes the whole UNet only
       p = run_peer(_PEER.value, peer_spec(apply_variant(config, r['variant']), sd_shapes,
                                           r['variant'], _STEPS.value))
       peers.append({'variant': r['variant'], 'ours_s_per_step': r['s_per_step'],
