@@ -3,7 +3,7 @@ r"""Pretrains every shipped toy-world model: VAE, then UNet + text encoder, then
   python -m dpg_jax.toyworld.pretrain --workdir=/tmp/toyworld            # all stages
   python -m dpg_jax.toyworld.pretrain --workdir=/tmp/toyworld --stage=vae
   python -m dpg_jax.toyworld.pretrain --workdir=/tmp/toyworld --stage=ship \
-      --out=dpg_jax/toyworld/weights   # replace the shipped weights
+      --out=dpg_jax/toyworld/shipped   # replace the shipped weights
 
 Stages (each resumable: rerun the same command after a kill; finished stages
 are skipped, a stage in progress resumes from its last checkpoint):
@@ -20,7 +20,6 @@ are skipped, a stage in progress resumes from its last checkpoint):
 Deterministic: every batch is a pure function of (seed, stage, step).
 """
 import functools
-import hashlib
 import json
 import os
 import subprocess
@@ -45,6 +44,7 @@ from dpg_jax import sharding
 from dpg_jax import train as train_lib
 from dpg_jax.toyworld import judge as judge_lib
 from dpg_jax.toyworld import model as model_lib
+from dpg_jax.toyworld import weights as weights_lib
 from dpg_jax.toyworld import world
 
 STAGES = ('data', 'vae', 'unet', 'judge', 'ship')
@@ -67,15 +67,6 @@ def get_config():
   c.checkpoint_every = 200
   c.log_every = 50
   return c
-
-
-_CONFIG = config_flags.DEFINE_config_dict('config', get_config(), lock_config=True)
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Where the data, checkpoints and stage '
-                               'outputs go (resumable).')
-_STAGE = flags.DEFINE_enum('stage', 'all', STAGES + ('all',), 'Stage to run (all: every '
-                           'stage in order, skipping finished ones).')
-_OUT = flags.DEFINE_string('out', '', "Where 'ship' writes (default <workdir>/shipped; "
-                           'dpg_jax/toyworld/weights replaces the shipped models).')
 
 
 def optimizer_config(stage_cfg, num_steps):
@@ -443,26 +434,6 @@ def _commit():
     return ''
 
 
-def sha256(path):
-  h = hashlib.sha256()
-  with open(path, 'rb') as f:
-    for block in iter(lambda: f.read(1 << 20), b''):
-      h.update(block)
-  return h.hexdigest()
-
-
-def file_hashes(root):
-  """{relative path: sha256} of every file under root except record.json."""
-  out = {}
-  for d, _, files in os.walk(root):
-    for f in files:
-      p = os.path.join(d, f)
-      rel = os.path.relpath(p, root)
-      if rel != 'record.json':
-        out[rel] = sha256(p)
-  return dict(sorted(out.items()))
-
-
 def stage_ship(workdir, config, out):
   import shutil  # pylint: disable=g-import-not-at-top
   out = os.path.abspath(out or os.path.join(workdir, 'shipped'))
@@ -479,7 +450,7 @@ def stage_ship(workdir, config, out):
       'config': config.to_dict(),
       'stages': stages,
       'total_seconds': round(sum(s['seconds'] for s in stages.values()), 1),
-      'files': file_hashes(out),
+      'files': weights_lib.file_hashes(out),
   }
   models.write_json(os.path.join(out, 'record.json'), record)
   logging.info('Shipped to %s (%.1f MB)', out,
@@ -512,10 +483,20 @@ def run(workdir, config, stage='all', out=''):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  if not _WORKDIR.value:
+  f = flags.FLAGS
+  if not f.workdir:
     raise app.UsageError('--workdir is required.')
-  run(_WORKDIR.value, _CONFIG.value, _STAGE.value, _OUT.value)
+  run(f.workdir, f.config, f.stage, f.out)
 
 
 if __name__ == '__main__':
+  # Defined here, not at import: the library (weights.py, tests) imports this
+  # module next to CLIs that own a --config flag of their own.
+  _CONFIG = config_flags.DEFINE_config_dict('config', get_config(), lock_config=True)
+  _WORKDIR = flags.DEFINE_string('workdir', None, 'Where the data, checkpoints and stage '
+                                 'outputs go (resumable).')
+  _STAGE = flags.DEFINE_enum('stage', 'all', STAGES + ('all',), 'Stage to run (all: every '
+                             'stage in order, skipping finished ones).')
+  _OUT = flags.DEFINE_string('out', '', "Where 'ship' writes (default <workdir>/shipped; "
+                             'dpg_jax/toyworld/shipped replaces the shipped models).')
   app.run(main)
