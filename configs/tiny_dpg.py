@@ -1,6 +1,6 @@
 """The embedded default with DPG on (look-forward reward, robust critic).
 
-The authors' SGD critic diverges at large t on the tiny models, so the
+Random-init models make the authors' SGD critic diverge at large t, so the
 tiny run uses the robust critic preset:
 
   python -m dpg_jax.main --config=configs/tiny_dpg.py --workdir=/tmp/dpg_tiny_dpg

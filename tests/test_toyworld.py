@@ -17,7 +17,6 @@ from dpg_jax.toyworld import subjects
 from dpg_jax.toyworld import weights
 from dpg_jax.toyworld import world
 
-# Measured (README, 'The toy world'): base ~B, after ~A; the margin leaves room.
 DREAMBOOTH_STEPS = 100
 DREAMBOOTH_LR = 2e-4
 DREAMBOOTH_MARGIN = 0.15
@@ -112,6 +111,13 @@ def test_synthetic_subject_is_the_toy_subject(tmp_path):
 
 
 # -- shipped weights -------------------------------------------------------------
+# Run once dpg_jax/toyworld/shipped/ holds pretrained weights (README, "The toy
+# world": the pretraining has not yet produced a base model worth shipping).
+_SHIPPED = pytest.mark.skipif(not os.path.isfile(weights.RECORD_PATH),
+                              reason='no shipped toy-world weights (dpg_jax/toyworld/shipped/)')
+
+
+@_SHIPPED
 def test_shipped_weights_match_their_record_and_load():
   rec = weights.verify()
   assert set(rec['stages']) == {'vae', 'unet', 'judge'}
@@ -129,6 +135,7 @@ def test_shipped_weights_match_their_record_and_load():
   assert acc['cls'] > 0.8 and acc['colour'] > 0.8, acc
 
 
+@_SHIPPED
 def test_a_tampered_file_is_named(tmp_path):
   import shutil  # pylint: disable=g-import-not-at-top
   copy = tmp_path / 'w'
@@ -140,6 +147,7 @@ def test_a_tampered_file_is_named(tmp_path):
 
 
 # -- the point of it all: DreamBooth on the shipped base learns the subject ------
+@_SHIPPED
 def test_dreambooth_on_the_shipped_base_learns_the_toy_subject(tmp_path):
   """configs/tiny.py (shipped base, orange_star), a short run: the judge's score of
   the subject's attributes on its prompts rises clearly above the base model's."""
@@ -147,6 +155,8 @@ def test_dreambooth_on_the_shipped_base_learns_the_toy_subject(tmp_path):
   from dpg_jax import train  # pylint: disable=g-import-not-at-top
   from dpg_jax.toyworld import checks  # pylint: disable=g-import-not-at-top
   c = tiny.get_config()
+  c.model.pretrained, c.model.tiny = weights.BASE_DIR, ''
+  c.data.class_noun = subjects.get(subjects.DEFAULT).cls
   c.num_steps = DREAMBOOTH_STEPS
   c.learning_rate = DREAMBOOTH_LR
   c.prior_preservation = False

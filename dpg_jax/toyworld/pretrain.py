@@ -65,7 +65,7 @@ def get_config():
       # (how the shipped UNet was cut to the time budget; record.json says so).
       stop_at=400))
   c.judge = ml_collections.ConfigDict(dict(
-      steps=400, batch_size=64, learning_rate=1e-3, warmup_steps=50, recon_scenes=3000,
+      steps=700, batch_size=64, learning_rate=3e-3, warmup_steps=50, recon_scenes=3000,
       eval_scenes=600))
   c.checkpoint_every = 200
   c.log_every = 50
