@@ -39,7 +39,7 @@ DEFAULT_INSTANCE_PROMPT = 'a photo of {identifier} {class_noun}'
 DEFAULT_CLASS_PROMPT = 'a photo of {class_noun}'
 
 _SYNTHETIC_MANIFEST = 'synthetic_subject.json'
-_SYNTHETIC_VERSION = 1
+_SYNTHETIC_VERSION = 2
 # Mixed into every sampling seed so batch order is decorrelated from other
 # users of `config.seed` (noise, dropout, ...).
 _SAMPLE_SALT = 0x5EED_DA7A
@@ -236,66 +236,9 @@ def _make_dir(folder, config_key):
 # Synthetic subject.
 # -----------------------------------------------------------------------------
 
-# The subject's identity: fixed, seed-independent, so every image (and every
-# seed) shows the same "toy": a five-lobed orange body with purple stripes in
-# its own frame, a dark rim and one eye.
-_BODY = np.array([0.96, 0.55, 0.10])
-_STRIPE = np.array([0.38, 0.12, 0.55])
-_RIM = np.array([0.12, 0.06, 0.05])
-_EYE = np.array([0.98, 0.98, 0.95])
-_PUPIL = np.array([0.05, 0.05, 0.08])
-_BACKGROUNDS = ('gradient', 'noise', 'stripes', 'checker')
-
-
-def _background(rng, n, kind, xx, yy):
-  """[n, n, 3] float background in [0, 1], muted so the subject stands out."""
-  c0, c1 = rng.uniform(0.15, 0.85, (2, 3)) * 0.6 + 0.2
-  theta = rng.uniform(0, 2 * np.pi)
-  t = np.cos(theta) * xx + np.sin(theta) * yy  # [-1.4, 1.4] along a direction
-  if kind == 'gradient':
-    a = np.clip((t + 1.4) / 2.8, 0, 1)
-  elif kind == 'noise':
-    coarse = rng.uniform(0, 1, (6, 6)).astype(np.float32)
-    a = np.asarray(Image.fromarray(coarse, 'F').resize((n, n), Image.BICUBIC))
-    a = np.clip(a + rng.normal(0, 0.08, (n, n)), 0, 1)
-  elif kind == 'stripes':
-    a = 0.5 + 0.5 * np.sin(t * np.pi * rng.uniform(3, 7))
-  else:  # checker
-    k = rng.uniform(3, 6)
-    a = ((np.floor((xx + 1) * k) + np.floor((yy + 1) * k)) % 2).astype(float)
-  a = a[..., None]
-  return (1 - a) * c0 + a * c1
-
-
-def _render_subject(rng, resolution, kind):
-  """One scene: the subject at a random pose on a `kind` background."""
-  # Supersample small images for antialiased edges; large ones need not.
-  supersample = 2 if resolution < 256 else 1
-  n = resolution * supersample
-  coords = (np.arange(n) + 0.5) / n * 2 - 1
-  yy, xx = np.meshgrid(coords, coords, indexing='ij')
-  out = _background(rng, n, kind, xx, yy)
-  scale = rng.uniform(0.32, 0.62)           # body radius / half image size
-  angle = rng.uniform(-np.pi / 3, np.pi / 3)
-  margin = 1 - scale
-  cx, cy = rng.uniform(-margin, margin, 2)
-  dx, dy = (xx - cx) / scale, (yy - cy) / scale
-  u = np.cos(angle) * dx + np.sin(angle) * dy
-  v = -np.sin(angle) * dx + np.cos(angle) * dy
-  r, th = np.hypot(u, v), np.arctan2(v, u)
-  radius = 0.82 * (1 + 0.18 * np.cos(5 * th))  # < 1: stays inside the image
-  body = r < radius
-  stripes = np.floor((u + 0.5 * v) * 3.5) % 2 == 0
-  shade = (1.05 - 0.15 * (u + v))[..., None]  # light from the top left
-  color = np.where(stripes[..., None], _STRIPE, _BODY) * shade
-  color = np.where((r > radius - 0.1)[..., None], _RIM, color)
-  eye_r = np.hypot(u - 0.2, v + 0.25)
-  color = np.where((eye_r < 0.2)[..., None], _EYE, color)
-  color = np.where((eye_r < 0.09)[..., None], _PUPIL, color)
-  out = np.where(body[..., None], color, out)
-  out = out.reshape(resolution, supersample, resolution, supersample, 3)
-  out = out.mean(axis=(1, 3))
-  return np.clip(np.round(out * 255), 0, 255).astype(np.uint8)
+# The subject is the toy world's `orange_star` (dpg_jax/toyworld/subjects.py):
+# an orange star with purple stripes, a dark rim and one eye, a combination the
+# shipped toy SD never saw in pretraining.
 
 
 def _synthetic_names(num_images):
@@ -319,8 +262,8 @@ def _synthetic_complete(out_dir, manifest, resolution):
 def make_synthetic_subject(out_dir, *, num_images=5, resolution=64, seed=0):
   """Writes `num_images` PNGs of one synthetic subject; returns their paths.
 
-  Same object (shape, colours, stripe texture, eye) at varied position, scale
-  and rotation on varied backgrounds. Deterministic in `seed`; a complete set
+  The toy world's subject `orange_star` (same shape, colours, stripes and eye)
+  at varied position, scale and rotation in varied toy-world contexts. Deterministic in `seed`; a complete set
   from an earlier call with the same arguments is reused as is.
   """
   resolution = _check_resolution(resolution)
@@ -338,10 +281,10 @@ def make_synthetic_subject(out_dir, *, num_images=5, resolution=64, seed=0):
   manifest_path = os.path.join(out_dir, _SYNTHETIC_MANIFEST)
   if os.path.exists(manifest_path):
     os.remove(manifest_path)
-  for i, path in enumerate(paths):
-    rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, i])
-    kind = _BACKGROUNDS[(i + seed) % len(_BACKGROUNDS)]
-    _save_png(path, _render_subject(rng, resolution, kind))
+  from dpg_jax.toyworld import subjects  # pylint: disable=g-import-not-at-top
+  for path, image in zip(paths, subjects.photos(subjects.DEFAULT, num_images, resolution,
+                                                seed=seed)):
+    _save_png(path, image)
   # Stale images of an earlier, larger set would leak into load_images.
   for name in os.listdir(out_dir):
     if (name.startswith('subject_') and name.endswith('.png')

@@ -144,13 +144,17 @@ def load_subject(name: str, *, dataset: str = 'dreambench',
 
   Args:
     name: subject name, e.g. 'dog' (DreamBench) or 'pet_cat1' (CC101).
-    dataset: 'dreambench' or 'custom_concept101'.
+    dataset: 'dreambench', 'custom_concept101' or 'toyworld'.
     data_dir: TFDS data_dir (None: TFDS's default).
     manual_dir: source folder, see `prepare`.
 
   Returns:
-    The Subject, its images read through `tfds.data_source`.
+    The Subject, its images read through `tfds.data_source` ('toyworld':
+    rendered by the toy world's generator, no build needed).
   """
+  if dataset == 'toyworld':
+    from dpg_jax.toyworld import subjects as toy_subjects  # pylint: disable=g-import-not-at-top
+    return toy_subjects.subject(name)
   builder = prepare(dataset, data_dir=data_dir, manual_dir=manual_dir)
   metadata = builder.info.metadata
   infos = metadata.get('subject_info', {})

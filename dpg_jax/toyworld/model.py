@@ -1,0 +1,132 @@
+"""The toy Stable Diffusion: SD1.x classes at a size a 2-core CPU can pretrain.
+
+64 px images, a x8 VAE (8x8x4 latents, as SD1.4's 512 px -> 64x64x4), a
+two-level UNet, a two-layer CLIP text encoder and a CLIP BPE tokenizer whose
+merges make every toy-world word one token. `write_random(path, seed)` writes
+the untrained pipeline in diffusers layout (what pretraining starts from);
+the shipped, pretrained one lives in `weights.BASE_DIR`. Channel counts are
+multiples of 32 in the UNet: diffusers' Flax UNet hard-codes GroupNorm(32).
+"""
+import json
+import os
+
+from dpg_jax import models
+from dpg_jax import tiny
+from dpg_jax.toyworld import world
+
+RESOLUTION = 64
+TEXT_HIDDEN = 64
+
+UNET = {
+    'sample_size': RESOLUTION // 8,
+    'in_channels': 4,
+    'out_channels': 4,
+    'down_block_types': ['CrossAttnDownBlock2D', 'DownBlock2D'],
+    'up_block_types': ['UpBlock2D', 'CrossAttnUpBlock2D'],
+    'mid_block_type': 'UNetMidBlock2DCrossAttn',
+    # Two levels: a third (8 -> 4 -> 2) cost 2.8x the step time on this CPU.
+    'block_out_channels': [32, 64],
+    'layers_per_block': 1,
+    'attention_head_dim': 4,  # diffusers' (mis)name for the number of heads
+    'cross_attention_dim': TEXT_HIDDEN,
+    'flip_sin_to_cos': True,
+    'freq_shift': 0,
+}
+VAE = {
+    'in_channels': 3,
+    'out_channels': 3,
+    'down_block_types': ['DownEncoderBlock2D'] * 4,
+    'up_block_types': ['UpDecoderBlock2D'] * 4,
+    # 16 channels at full resolution (GroupNorm(16) here; the VAE reads its
+    # groups from the config): 1.8x faster than 32 for flat-coloured scenes.
+    'block_out_channels': [16, 16, 32, 32],
+    'layers_per_block': 1,
+    'act_fn': 'silu',
+    'latent_channels': 4,
+    'norm_num_groups': 16,
+    'sample_size': RESOLUTION,
+    'scaling_factor': 0.18215,  # re-measured after VAE training (pretrain.py)
+}
+TEXT_ENCODER = {
+    'hidden_size': TEXT_HIDDEN,
+    'intermediate_size': 2 * TEXT_HIDDEN,
+    'num_hidden_layers': 2,
+    'num_attention_heads': 2,
+    'max_position_embeddings': 77,
+    'hidden_act': 'quick_gelu',
+    'projection_dim': TEXT_HIDDEN,
+    'layer_norm_eps': 1e-5,
+    'initializer_range': 0.02,
+}
+# The identifier of the toy subjects ('sks', never in a caption) and the
+# words of the embedded default are single tokens too.
+EXTRA_WORDS = ('sks', 'toy', 'photo', 'of', 'the', 'in', 'on', 'at', 'by', 'with')
+
+
+def tokenizer_vocab():
+  """(vocab, merges) of the toy CLIP BPE tokenizer: bytes + one token per word."""
+  base = list(tiny.bytes_to_unicode().values())
+  vocab = base + [c + '</w>' for c in base]
+  merges = []
+  for word in sorted(set(world.vocabulary()) | set(EXTRA_WORDS)):
+    if len(word) < 2:
+      continue
+    parts = list(word[:-1]) + [word[-1] + '</w>']
+    cur = parts[0]
+    for nxt in parts[1:]:
+      m = f'{cur} {nxt}'
+      if m not in merges:
+        merges.append(m)
+        vocab.append(cur + nxt)
+      cur += nxt
+  vocab += ['<|startoftext|>', '<|endoftext|>']
+  return {tok: i for i, tok in enumerate(vocab)}, merges
+
+
+def write_tokenizer(path):
+  from transformers import CLIPTokenizer  # pylint: disable=g-import-not-at-top
+  os.makedirs(path, exist_ok=True)
+  vocab, merges = tokenizer_vocab()
+  with open(os.path.join(path, 'vocab.json'), 'w', encoding='utf-8') as f:
+    json.dump(vocab, f, ensure_ascii=False)
+  with open(os.path.join(path, 'merges.txt'), 'w', encoding='utf-8') as f:
+    f.write('#version: 0.2\n' + '\n'.join(merges) + '\n')
+  tok = CLIPTokenizer(os.path.join(path, 'vocab.json'), os.path.join(path, 'merges.txt'),
+                      pad_token='<|endoftext|>', model_max_length=77)
+  tok.save_pretrained(path)
+
+
+def text_encoder_config():
+  vocab, _ = tokenizer_vocab()
+  eos = vocab['<|endoftext|>']
+  return dict(TEXT_ENCODER, vocab_size=len(vocab), bos_token_id=vocab['<|startoftext|>'],
+              eos_token_id=eos, pad_token_id=eos)
+
+
+def write_random(path, seed: int = 0, *, scaling_factor: float | None = None) -> str:
+  """The untrained toy pipeline in diffusers layout (Flax msgpack) at `path`."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from diffusers import FlaxAutoencoderKL, FlaxUNet2DConditionModel  # pylint: disable=g-import-not-at-top
+  from transformers import CLIPTextConfig, FlaxCLIPTextModel  # pylint: disable=g-import-not-at-top
+
+  models.quiet_diffusers()
+  rng = np.random.default_rng(seed)
+
+  def write(tmp):
+    write_tokenizer(os.path.join(tmp, 'tokenizer'))
+    vae_cfg = dict(VAE) if scaling_factor is None else dict(VAE, scaling_factor=scaling_factor)
+    for name, cls, cfg in (('unet', FlaxUNet2DConditionModel, UNET),
+                           ('vae', FlaxAutoencoderKL, vae_cfg)):
+      m = cls.from_config(cfg)
+      shapes = jax.eval_shape(m.init_weights, jax.random.PRNGKey(0))
+      m.save_pretrained(os.path.join(tmp, name), params=tiny.random_params(shapes, rng))
+    te = FlaxCLIPTextModel(CLIPTextConfig(**text_encoder_config()), _do_init=False)
+    te.save_pretrained(os.path.join(tmp, 'text_encoder'),
+                       params=tiny.random_params(te.params_shape_tree, rng))
+    os.makedirs(os.path.join(tmp, 'scheduler'))
+    models.write_json(os.path.join(tmp, 'scheduler', 'scheduler_config.json'),
+                      models.export_scheduler_config(tiny._SCHEDULER))  # pylint: disable=protected-access
+    models.write_json(os.path.join(tmp, 'model_index.json'), models.FLAX_MODEL_INDEX)
+
+  return models.replace_dir(path, write)
