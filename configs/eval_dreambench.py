@@ -106,7 +106,7 @@ def get_config(protocol: str | None = None):
   # --- Devices ----------------------------------------------------------------
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1
-  c.distributed = False
+  c.distributed = config_dict.placeholder(bool)   # None = auto (see configs/default.py)
   c.compilation_cache_dir = ''
   # '' above: cache compiled programs in <workdir>/xla_cache, so runs of one
   # method (identical train steps) and a resumed evaluation skip recompiling.

@@ -535,7 +535,7 @@ RESULT_NEUTRAL_KEYS = (
     'sample.source', 'sample.output_dir',
     # How, not what, is computed.
     'model.remat', 'model.remat_policy', 'model.attention', 'grad_accum_unroll', 'mesh',
-    'distributed', 'compilation_cache_dir')
+    'distributed', 'cluster', 'compilation_cache_dir')
 
 
 def training_fingerprint(cfg, workdir: str) -> tuple[str, dict]:
