@@ -173,7 +173,8 @@ _STEP_SCRIPT = textwrap.dedent('''
     out = {}
     for name, data, fsdp, strategy in (('replicated', 8, 1, 'replicate'), ('fsdp', 2, 4, 'fsdp')):
       mesh = sharding.make_mesh(data, fsdp=fsdp)
-      trainable = train.trainable_params(params, config)
+      # Host copies: each run's state is donated to its step.
+      trainable = jax.tree.map(np.array, train.trainable_params(params, config))
       state, sh = train.create_sharded_state(spec, trainable, jax.random.PRNGKey(0), mesh, strategy)
       # Real arrays: bytes on device 0 (the replicated state holds the full tree).
       dev0 = jax.devices()[0]
