@@ -180,7 +180,7 @@ def bench_variant(config, sd, params, workdir, sd14: bool = False):
   from dpg_jax import sharding  # pylint: disable=g-import-not-at-top
   from dpg_jax import train  # pylint: disable=g-import-not-at-top
 
-  mesh = sharding.make_mesh(config.mesh.data)
+  mesh = sharding.mesh_from_config(config.mesh)
   h = config.data.resolution // sd.vae_scale
   rs = np.random.RandomState(0)
   dpg = None
@@ -206,7 +206,7 @@ def bench_variant(config, sd, params, workdir, sd14: bool = False):
   rng = jax.random.PRNGKey(0)
   trainable = train.trainable_params(params, config)
   abstract, state_sh = train.abstract_state(spec, trainable, rng, mesh,
-                                            config.mesh.param_sharding)
+                                            sharding.param_rules(config.mesh))
   frozen, frozen_sh = None, None
   if dpg is not None:
     frozen = dpg.frozen_inputs(params)
@@ -223,8 +223,8 @@ def bench_variant(config, sd, params, workdir, sd14: bool = False):
   # peak memory is the run's.
   compiled, compile_s = train.compile_ahead(
       train.compile_train_step(spec, mesh, state_sh, frozen_sh), abstract, batch(0), rng, frozen)
-  state, _ = train.create_sharded_state(spec, trainable, rng, mesh, config.mesh.param_sharding,
-                                        donate_trainable=True)
+  state, _ = train.create_sharded_state(spec, trainable, rng, mesh,
+                                        sharding.param_rules(config.mesh), donate_trainable=True)
   for name in trainable:
     params.pop(name)
   del trainable

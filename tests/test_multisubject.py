@@ -47,6 +47,7 @@ _SCRIPT = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.slow
 def test_k_subjects_at_once_equal_separate_runs(tiny_sd_dir, tmp_path):
   """2 subjects (own photos and class noun), vmapped over a 'subject' mesh axis
   of 2 forced CPU devices: each subject's params, optimiser state and logged
@@ -77,6 +78,7 @@ from dpg_jax import evaluation  # pylint: disable=g-import-not-at-top,g-bad-impo
 from tests.test_evaluation import _driver_config, scorer  # pylint: disable=unused-import
 
 
+@pytest.mark.slow
 def test_evaluation_trains_a_methods_subjects_as_one_job(tmp_path, tiny_sd_dir, monkeypatch,
                                                          scorer):  # pylint: disable=redefined-outer-name
   """subjects_at_once=0: the evaluation hands all of a method's subjects to one
