@@ -5,6 +5,7 @@ change a few fields. Override any field from the command line, e.g.
 `--config.learning_rate=2e-6 --config.data.instance_dir=/photos/dog`.
 """
 import ml_collections
+from ml_collections import config_dict
 
 from dpg_jax import critic
 
@@ -151,9 +152,21 @@ def get_config():
 
   # --- Devices ----------------------------------------------------------------
   c.mesh = ml_collections.ConfigDict()
-  c.mesh.data = -1                 # size of the 'data' axis (-1 = all devices)
-  c.mesh.param_sharding = 'replicate'  # replicate | fsdp (split params/opt state over 'data')
-  c.distributed = False            # jax.distributed.initialize() (multi-host TPU/GPU)
+  # Axis sizes (dpg_jax/sharding.py); one may be -1 = the devices the others leave.
+  c.mesh.data = -1                 # batch split, parameters replicated along it
+  c.mesh.fsdp = 1                  # batch split, large parameters + optimiser slots split too
+  # replicate | fsdp (shard by the rule table sharding.PARAM_RULES over the 'fsdp' axis;
+  # with the default sizes, fsdp means data=1, fsdp=-1: all devices).
+  c.mesh.param_sharding = 'replicate'
+  c.mesh.rules = ()                # extra ('regex=replicate|fsdp', ...) over leaf paths, tried first
+  # Multi-host (dpg_jax/distributed.py): None = auto (a coordinator in the environment,
+  # a multi-task SLURM step or a multi-host TPU VM), True = always, False = never.
+  c.distributed = config_dict.placeholder(bool)
+  c.cluster = ml_collections.ConfigDict()
+  c.cluster.coordinator_address = ''  # 'host:port' of process 0 ('' = detected / DPG_JAX_COORDINATOR)
+  c.cluster.num_processes = 0         # 0 = detected / DPG_JAX_NUM_PROCESSES
+  c.cluster.process_id = -1           # -1 = detected / DPG_JAX_PROCESS_ID
+  c.cluster.local_device_ids = ''     # e.g. '0,1' ('' = all of this host's)
   # Persistent XLA compilation cache: '' = <user cache dir>/dpg_jax/xla (e.g.
   # ~/.cache/dpg_jax/xla; $XDG_CACHE_HOME respected); 'none' switches it off.
   c.compilation_cache_dir = ''

@@ -86,6 +86,10 @@ def get_config(protocol: str | None = None):
   # Class images depend only on base model, class prompt and sampling: runs
   # that share those (e.g. dreambooth and dreambooth_dpg on 'dog') share them.
   c.share_class_images = True
+  # Subjects trained together in one job on one mesh (dpg_jax/multisubject.py: the
+  # trainable state vmapped over a 'subject' mesh axis, one subject per device group):
+  # 1 = one job per subject, K > 1 = groups of K, 0 = all of a method's subjects at once.
+  c.subjects_at_once = 1
 
   # --- Subjects ---------------------------------------------------------------
   c.dataset = 'dreambench'
@@ -117,7 +121,7 @@ def get_config(protocol: str | None = None):
   # --- Devices ----------------------------------------------------------------
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1
-  c.distributed = False
+  c.distributed = config_dict.placeholder(bool)   # None = auto (see configs/default.py)
   c.compilation_cache_dir = ''
   # '' above: cache compiled programs in <workdir>/xla_cache, so runs of one
   # method (identical train steps) and a resumed evaluation skip recompiling.

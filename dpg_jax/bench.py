@@ -211,11 +211,10 @@ def bench_variant(config, sd, params, workdir, sd14: bool = False):
   from dpg_jax import data as data_lib  # pylint: disable=g-import-not-at-top
   from dpg_jax import dpg as dpg_lib  # pylint: disable=g-import-not-at-top
   from dpg_jax import sharding  # pylint: disable=g-import-not-at-top
+  from dpg_jax import adapters  # pylint: disable=g-import-not-at-top
   from dpg_jax import train  # pylint: disable=g-import-not-at-top
 
-  from dpg_jax import adapters  # pylint: disable=g-import-not-at-top
-
-  mesh = sharding.make_mesh(config.mesh.data)
+  mesh = sharding.mesh_from_config(config.mesh)
   sd, params, peft = adapters.build(config, sd, params)
   h = config.data.resolution // sd.vae_scale
   rs = np.random.RandomState(0)
@@ -247,7 +246,7 @@ def bench_variant(config, sd, params, workdir, sd14: bool = False):
   else:
     trainable = peft.init_trainable(params, rng)
   abstract, state_sh = train.abstract_state(spec, trainable, rng, mesh,
-                                            config.mesh.param_sharding)
+                                            sharding.param_rules(config.mesh))
   frozen, frozen_sh = None, None
   if dpg is not None or peft is not None:
     frozen = dict(dpg.frozen_inputs(params) if dpg is not None else {})
@@ -267,8 +266,8 @@ def bench_variant(config, sd, params, workdir, sd14: bool = False):
   compiled, compile_s = train.compile_ahead(
       train.compile_train_step(spec, mesh, state_sh, frozen_sh), abstract, batch(0), rng, frozen,
       timings)
-  state, _ = train.create_sharded_state(spec, trainable, rng, mesh, config.mesh.param_sharding,
-                                        donate_trainable=True)
+  state, _ = train.create_sharded_state(spec, trainable, rng, mesh,
+                                        sharding.param_rules(config.mesh), donate_trainable=True)
   # Hold only what the step uses, as the PyTorch peer does: the frozen VAE and
   # text encoder (0.77 GiB at SD1.4 size) have served the latents and the
   # conditioning above; DPG's frozen inputs and an adapter run's frozen base

@@ -23,6 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from dpg_jax import fileio
+
 
 class NonFiniteError(FloatingPointError):
   """Raised instead of saving a state that holds NaN or inf."""
@@ -71,6 +73,8 @@ def _is_out_of_memory(exc: BaseException) -> bool:
 
 
 def _free_bytes(path: str) -> int | None:
+  if not fileio.is_local(path):
+    return None  # object stores have no free-space figure
   while path and not os.path.exists(path):
     path = os.path.dirname(path)
   try:
@@ -111,9 +115,10 @@ class Checkpointer:
   """
 
   def __init__(self, directory: str, *, max_to_keep: int = 2, async_save: bool = True):
-    self.directory = os.path.abspath(directory)
+    # A local path or a URL (gs://, file://): Orbax writes through epath.
+    self.directory = fileio.normalize(directory)
     self._mgr = ocp.CheckpointManager(
-        self.directory,
+        fileio.path(self.directory),
         options=ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, create=True,
             # Temporary dirs of saves that died (killed, disk full) go at start.
@@ -133,7 +138,7 @@ class Checkpointer:
     return sorted(self._mgr.all_steps())
 
   def step_dir(self, step: int) -> str:
-    return os.path.join(self.directory, str(int(step)))
+    return fileio.join(self.directory, str(int(step)))
 
   def read_meta(self, step: int) -> dict:
     """The JSON meta of one step (cheap: no arrays are read)."""
@@ -159,7 +164,7 @@ class Checkpointer:
     # StandardCheckpointHandler cannot restore part of a tree; the PyTree
     # handler reads the same on-disk format and can.
     mgr = ocp.CheckpointManager(
-        self.directory, options=ocp.CheckpointManagerOptions(read_only=True),
+        fileio.path(self.directory), options=ocp.CheckpointManagerOptions(read_only=True),
         item_handlers={'state': ocp.PyTreeCheckpointHandler(),
                        'meta': ocp.JsonCheckpointHandler()})
     try:
@@ -221,11 +226,11 @@ class Checkpointer:
 
   def _set_aside(self, step: int, exc: BaseException) -> str:
     src = self.step_dir(step)
-    dst = os.path.join(self.directory + '.corrupt', f'{step}_{int(time.time())}')
+    dst = fileio.join(self.directory + '.corrupt', f'{step}_{int(time.time())}')
     why = f'{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ""}'
-    if jax.process_index() == 0 and os.path.isdir(src):
-      os.makedirs(os.path.dirname(dst), exist_ok=True)
-      shutil.move(src, dst)
+    if jax.process_index() == 0 and fileio.isdir(src):
+      fileio.makedirs(self.directory + '.corrupt')
+      fileio.rename(src, dst)
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
       multihost_utils.sync_global_devices(f'dpg_jax:set_aside_{step}')

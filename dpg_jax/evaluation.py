@@ -535,7 +535,7 @@ RESULT_NEUTRAL_KEYS = (
     'sample.source', 'sample.output_dir',
     # How, not what, is computed.
     'model.remat', 'model.remat_policy', 'model.attention', 'grad_accum_unroll', 'mesh',
-    'distributed', 'compilation_cache_dir')
+    'distributed', 'cluster', 'compilation_cache_dir')
 
 
 def training_fingerprint(cfg, workdir: str) -> tuple[str, dict]:
@@ -647,6 +647,10 @@ def validate_config(config) -> None:
                        f'method_configs has {sorted(config.method_configs)}.')
   if config.images_per_prompt < 1:
     raise ValueError(f'config key images_per_prompt={config.images_per_prompt}: expected >= 1.')
+  k = config.get('subjects_at_once', 1)
+  if not isinstance(k, int) or k < 0:
+    raise ValueError(f'config key subjects_at_once={k!r}: expected an integer >= 0 '
+                     '(1 = one subject per job, 0 = all at once).')
   if config.prompts_limit < 0:
     raise ValueError(f'config key prompts_limit={config.prompts_limit}: expected >= 0.')
   if config.seed < 0 or config.seed + config.images_per_prompt > 2 ** 32:
@@ -724,8 +728,14 @@ def _default_train_fn(cfg, run_dir):
   train.train_and_evaluate(cfg, run_dir)
 
 
+def _default_train_many_fn(cfgs, run_dirs):
+  from dpg_jax import multisubject  # pylint: disable=g-import-not-at-top
+  multisubject.train_subjects(cfgs, run_dirs)
+
+
 def run(config: ml_collections.ConfigDict, workdir: str, *,
-        train_fn: Callable[[Any, str], Any] | None = None) -> dict:
+        train_fn: Callable[[Any, str], Any] | None = None,
+        train_many_fn: Callable[[list, list], Any] | None = None) -> dict:
   """Trains, samples, scores and reports every (subject, method, prompt) unit.
 
   Args:
@@ -733,6 +743,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
     workdir: where runs, images, the ledger and the results go.
     train_fn: `train_fn(training_config, run_dir)` must leave
       <run_dir>/export; default `train.train_and_evaluate`.
+    train_many_fn: `train_many_fn(training_configs, run_dirs)` trains several
+      subjects in one job (config.subjects_at_once != 1); default
+      `multisubject.train_subjects`.
 
   Returns:
     The results dict also written to <workdir>/results.json.
@@ -744,16 +757,18 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
   with _workdir_lock(workdir):
-    return Evaluator(config, workdir, train_fn or _default_train_fn).run()
+    return Evaluator(config, workdir, train_fn or _default_train_fn,
+                     train_many_fn or _default_train_many_fn).run()
 
 
 class Evaluator:
   """State of one `run`: the ledger, the lazily built scorer, compiled samplers."""
 
-  def __init__(self, config, workdir: str, train_fn):
+  def __init__(self, config, workdir: str, train_fn, train_many_fn=_default_train_many_fn):
     self.config = config
     self.workdir = workdir
     self.train_fn = train_fn
+    self.train_many_fn = train_many_fn
     self.settings = eval_settings(config)
     _check_settings(workdir, self.settings)
     self.ledger = Ledger(os.path.join(workdir, LEDGER))
@@ -807,6 +822,8 @@ class Evaluator:
     n_done = sum(u in self.ledger for u in self.units)
     logging.info('Evaluating %d subjects x %d methods: %d units, %d already done.',
                  len(self.specs), len(self.methods), len(self.units), n_done)
+    for m in self.methods:
+      self._train_together(m)
     bar = tqdm.tqdm(total=len(self.units), initial=n_done, desc='eval', dynamic_ncols=True)
     try:
       for spec in self.specs:
@@ -862,7 +879,20 @@ class Evaluator:
             and r['method'] == method and r.get('train_fingerprint') == fp]
 
   def _trained_run(self, cfg, method: str, name: str) -> str:
-    """<workdir>/runs/<method>/<subject>, trained unless finished with these settings.
+    """<workdir>/runs/<method>/<subject>, trained unless finished with these settings."""
+    run_dir, record = self._start_run(method, name)
+    if record is not None:
+      logging.info('Training %s on %s into %s', method, name, run_dir)
+      with self.timer('train', 1):
+        self.train_fn(cfg, run_dir)
+      self._finish_run(method, name, run_dir, record)
+    if not self.config.keep_checkpoints:
+      # The export holds the final weights; checkpoints only serve resuming.
+      shutil.rmtree(os.path.join(run_dir, 'checkpoints'), ignore_errors=True)
+    return run_dir
+
+  def _start_run(self, method: str, name: str):
+    """(run_dir, None) if finished with these settings, else (run_dir, record) ready to train.
 
     A run dir left by other training settings (finished, or an attempt that
     stopped) is deleted and trained from scratch: resuming it would mix them.
@@ -874,30 +904,54 @@ class Evaluator:
     exported = _is_export(export_dir)
     if exported and finished is not None and finished.get('fingerprint') == fp:
       logging.info('Reusing the finished run %s', run_dir)
-    else:
-      previous = finished or _read_json(os.path.join(run_dir, TRAIN_ATTEMPT))
-      if os.path.isdir(run_dir) and (previous or {}).get('fingerprint') != fp:
-        why = ('no record of its training settings' if previous is None else
-               'other training settings (' + _changed_keys(previous.get('config', {}), fields)
-               + ')')
-        logging.warning('%s was trained with %s: deleting it and training %s on %s anew.',
-                        run_dir, why, method, name)
-        shutil.rmtree(run_dir)
-      os.makedirs(run_dir, exist_ok=True)
-      record = json.dumps({'fingerprint': fp, 'config': fields}, indent=1, sort_keys=True)
-      # Read only to decide resume vs. restart of a stopped attempt; never refuses.
-      fileio.atomic_write_text(os.path.join(run_dir, TRAIN_ATTEMPT), record)
-      logging.info('Training %s on %s into %s', method, name, run_dir)
-      with self.timer('train', 1):
-        self.train_fn(cfg, run_dir)
-      if not _is_export(export_dir):
-        raise RuntimeError(f'Training {method} on {name} left no pipeline in {export_dir}.')
-      fileio.atomic_write_text(os.path.join(run_dir, TRAIN_FINGERPRINT), record)
-      os.remove(os.path.join(run_dir, TRAIN_ATTEMPT))
-    if not self.config.keep_checkpoints:
-      # The export holds the final weights; checkpoints only serve resuming.
-      shutil.rmtree(os.path.join(run_dir, 'checkpoints'), ignore_errors=True)
-    return run_dir
+      return run_dir, None
+    previous = finished or _read_json(os.path.join(run_dir, TRAIN_ATTEMPT))
+    if os.path.isdir(run_dir) and (previous or {}).get('fingerprint') != fp:
+      why = ('no record of its training settings' if previous is None else
+             'other training settings (' + _changed_keys(previous.get('config', {}), fields)
+             + ')')
+      logging.warning('%s was trained with %s: deleting it and training %s on %s anew.',
+                      run_dir, why, method, name)
+      shutil.rmtree(run_dir)
+    os.makedirs(run_dir, exist_ok=True)
+    record = json.dumps({'fingerprint': fp, 'config': fields}, indent=1, sort_keys=True)
+    # Read only to decide resume vs. restart of a stopped attempt; never refuses.
+    fileio.atomic_write_text(os.path.join(run_dir, TRAIN_ATTEMPT), record)
+    return run_dir, record
+
+  def _finish_run(self, method: str, name: str, run_dir: str, record: str) -> None:
+    export_dir = os.path.join(run_dir, 'export')
+    if not _is_export(export_dir):
+      raise RuntimeError(f'Training {method} on {name} left no pipeline in {export_dir}.')
+    fileio.atomic_write_text(os.path.join(run_dir, TRAIN_FINGERPRINT), record)
+    os.remove(os.path.join(run_dir, TRAIN_ATTEMPT))
+
+  def _train_together(self, method: str) -> None:
+    """config.subjects_at_once > 1 (or 0 = all): the method's unfinished subjects
+    are trained in groups of that many, each group one job on one mesh
+    (dpg_jax/multisubject.py); `_trained_run` then finds them finished."""
+    k = self.config.get('subjects_at_once', 1)
+    if k == 1:
+      return
+    pending = []
+    for spec in self.specs:
+      name = spec.subject.name
+      fp = self.fingerprints[method, name][0]
+      if any(('prompt', name, method, i, fp) not in self.ledger
+             for i in range(len(self.prompts[name]))):
+        pending.append(name)
+    runs = [(name, *self._start_run(method, name)) for name in pending]
+    runs = [r for r in runs if r[2] is not None]
+    k = k or len(runs)
+    for g in range(0, len(runs), max(k, 1)):
+      group = runs[g:g + k]
+      names = [name for name, _, _ in group]
+      logging.info('Training %s on %d subjects at once: %s', method, len(group), ', '.join(names))
+      with self.timer('train', len(group)):
+        self.train_many_fn([self.train_configs[method, n] for n in names],
+                           [run_dir for _, run_dir, _ in group])
+      for name, run_dir, record in group:
+        self._finish_run(method, name, run_dir, record)
 
   def _method(self, spec: SubjectSpec, method: str, todo: Sequence[int], refs: References,
               bar) -> None:

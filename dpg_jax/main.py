@@ -18,6 +18,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from dpg_jax import cli
+from dpg_jax import fileio
 
 cli.config_repo_on_path()
 
@@ -31,7 +32,7 @@ flags.mark_flags_as_required(['config', 'workdir'])
 
 def summary(config, mode: str, workdir: str) -> str:
   """One line: what this run is (the full config goes to <workdir>/config.json)."""
-  workdir = os.path.abspath(workdir)
+  workdir = fileio.normalize(workdir)
   head = f'{mode} {cli.config_source()} -> {workdir}'
   if mode == 'sample':
     s = config.sample
@@ -42,7 +43,7 @@ def summary(config, mode: str, workdir: str) -> str:
   model = f'tiny random SD {config.model.tiny!r}' if config.model.tiny else config.model.pretrained
   return (f'{head}: {method}, {config.num_steps} steps of batch {config.batch_size}, '
           f'{model} ({config.model.dtype}); resolved config in '
-          f'{os.path.join(workdir, "config.json")}')
+          f'{fileio.join(workdir, "config.json")}')
 
 
 def main(argv):

@@ -9,7 +9,6 @@ are allowed and listed in one warning. Every start's config is kept:
 `config.1.json`, `config.2.json`, ... in start order.
 """
 import json
-import os
 
 from absl import logging
 
@@ -20,7 +19,7 @@ SAFE_KEYS = (
     'num_steps', 'log_every', 'checkpoint_every', 'max_to_keep', 'sample_every', 'export',
     'export_format', 'export_fp16',
     'sample.',                       # previews and --mode=sample
-    'mesh.', 'distributed', 'compilation_cache_dir',  # layout: the state is restored into it
+    'mesh.', 'distributed', 'cluster.', 'compilation_cache_dir',  # layout: restored into it
     'model.remat', 'model.remat_policy', 'model.attention',  # same maths, other memory / speed
     'finetune.lora_form',            # the same adapted layer, formed another way
     'grad_accum_unroll',             # the same update as straight-line code or a scan
@@ -97,10 +96,9 @@ def stored_config(meta: dict | None, workdir: str) -> dict | None:
   (checkpoints written before configs were stored in them)."""
   if meta and isinstance(meta.get('config'), dict):
     return meta['config']
-  path = os.path.join(workdir, 'config.json')
+  path = fileio.join(workdir, 'config.json')
   try:
-    with open(path, encoding='utf-8') as f:
-      return json.load(f)
+    return json.loads(fileio.read_text(path))
   except (OSError, ValueError):
     return None
 
@@ -110,18 +108,17 @@ def write_config_json(workdir: str, config) -> str | None:
 
   Returns the path the earlier config was kept under, or None.
   """
-  path = os.path.join(workdir, 'config.json')
+  path = fileio.join(workdir, 'config.json')
   text = config_text(config)
   kept = None
-  if os.path.exists(path):
-    with open(path, encoding='utf-8', errors='replace') as f:
-      if f.read() == text:
-        return None
+  if fileio.exists(path):
+    if fileio.path(path).read_bytes().decode('utf-8', errors='replace') == text:
+      return None
     n = 1
-    while os.path.exists(os.path.join(workdir, f'config.{n}.json')):
+    while fileio.exists(fileio.join(workdir, f'config.{n}.json')):
       n += 1
-    kept = os.path.join(workdir, f'config.{n}.json')
-    os.replace(path, kept)
+    kept = fileio.join(workdir, f'config.{n}.json')
+    fileio.rename(path, kept)
     logging.info('Kept the previous start\'s config as %s', kept)
   fileio.atomic_write_text(path, text)
   return kept

@@ -99,7 +99,7 @@ class Sampler:
     # unconditional half of the batch.
     self.do_cfg = self.guidance_scale != 1.0
     self.mesh = mesh
-    n_data = mesh.shape[sharding.DATA] if mesh is not None else 1
+    n_data = sharding.batch_axis_size(mesh) if mesh is not None else 1
     self.batch_size = -(-int(batch_size) // n_data) * n_data
     self.trace_count = 0  # incremented per trace: tests assert no recompiles
     self._generate_jit = jax.jit(self._generate)

@@ -318,14 +318,14 @@ def host_batch(latents, conditioning: dict, *, step: int, config) -> dict:
 # Run set-up (host side)
 # --------------------------------------------------------------------------- #
 def check_workdir(workdir: str) -> str:
-  workdir = os.path.abspath(workdir)
+  """The workdir (absolute path, or a gs:// / file:// URL: dpg_jax/fileio.py), writable."""
+  workdir = fileio.normalize(workdir)
   try:
-    os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, f'.write_test_{os.getpid()}')
-    with open(probe, 'w') as f:
-      f.write('ok')
-    os.remove(probe)
-  except OSError as e:
+    fileio.makedirs(workdir)
+    probe = fileio.path(fileio.join(workdir, f'.write_test_{os.getpid()}_{jax.process_index()}'))
+    probe.write_text('ok')
+    probe.unlink()
+  except (OSError, ValueError) as e:
     raise PermissionError(f'--workdir {workdir} is not writable: {e}') from e
   return workdir
 
@@ -587,19 +587,20 @@ def set_up(config: ml_collections.ConfigDict, workdir: str) -> Run:
     checked = _check_resume_config(checkpointer, config, workdir)
     if is_main:
       run_config.write_config_json(workdir, config)
-    mesh = sharding.make_mesh(config.mesh.data)
+    mesh = sharding.mesh_from_config(config.mesh)
+    inputs = fileio.local_dir(workdir)  # files readers open locally (a URL workdir: staged)
     # Data first: a bad instance folder fails in seconds, before any model load.
-    images, paths = load_instance_images(config, workdir)
+    images, paths = load_instance_images(config, inputs)
     logging.info('%d instance images (%s)', len(paths), os.path.dirname(paths[0]))
-    sd, params = load_model(config, workdir)
+    sd, params = load_model(config, inputs)
     sd, params, peft = adapters.build(config, sd, params)  # Custom Diffusion: new tokens
     samplers = _SamplerCache(sd, config.data.resolution, config.sample.batch_size, mesh)
     latents, prompt_batch, instance_prompt = _prepare_latents(
-        config, workdir, sd, params, images, samplers)
+        config, inputs, sd, params, images, samplers)
 
     dpg = None
     if config.dpg.enabled:
-      dpg = dpg_lib.DPG.build(config, sd, images, [instance_prompt], workdir)
+      dpg = dpg_lib.DPG.build(config, sd, images, [instance_prompt], inputs)
     spec = make_step_spec(sd, config, dpg, peft)
     # The loaded trainable weights are handed to the state (no copy where they
     # already sit on the mesh; each extra UNet copy is 3.4 GB at SD1.4 size);
@@ -610,8 +611,8 @@ def set_up(config: ml_collections.ConfigDict, workdir: str) -> Run:
     else:  # new arrays (selected copies, adapters); the whole base stays frozen
       trainable = peft.init_trainable(params, jax.random.PRNGKey(config.seed + 3))
     init_rng = jax.random.PRNGKey(config.seed)
-    abstract, state_sh = abstract_state(spec, trainable, init_rng, mesh,
-                                        config.mesh.param_sharding)
+    rules = sharding.param_rules(config.mesh)
+    abstract, state_sh = abstract_state(spec, trainable, init_rng, mesh, rules)
     frozen_params = _replicated(params, mesh)
     del params
     step_frozen = frozen_sh = None
@@ -629,7 +630,7 @@ def set_up(config: ml_collections.ConfigDict, workdir: str) -> Run:
                                        abstract, first_batch, rng, step_frozen)
     logging.info('Compiled the train step in %.1fs', compile_s)
     del first_batch
-    state, _ = create_sharded_state(spec, trainable, init_rng, mesh, config.mesh.param_sharding,
+    state, _ = create_sharded_state(spec, trainable, init_rng, mesh, rules,
                                     donate_trainable=True)
     del trainable
 
@@ -663,7 +664,7 @@ def _summary(workdir, config, step, checkpointer, exported) -> str:
   samples = os.path.join(workdir, 'samples')
   lines = [f'Finished at step {step} (num_steps={config.num_steps}); outputs in {workdir}:',
            f'  checkpoints  {checkpointer.directory} (steps {checkpointer.all_steps()})',
-           f'  samples      {samples if os.path.isdir(samples) else "none (sample.prompts=())"}',
+           f'  samples      {samples if fileio.isdir(samples) else "none (sample.prompts=())"}',
            f'  metrics      {os.path.join(workdir, "metrics.jsonl")}',
            f'  TensorBoard  tensorboard --logdir {os.path.join(workdir, "tb")}',
            f'  export       {exported or "off (config.export=False)"}']
@@ -757,7 +758,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
           raise preemption.Preempted(stop.signum, step, msg)
         if _every(step, config.sample_every) and step != config.num_steps:
           preview(state, step)
-      if config.num_steps > start or not os.path.isdir(os.path.join(workdir, 'samples')):
+      if config.num_steps > start or not fileio.isdir(os.path.join(workdir, 'samples')):
         preview(state, config.num_steps)
       checkpointer.wait()
       if stop.signum is not None:  # arrived during the final preview: export on rerun
@@ -766,18 +767,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         logging.warning(msg)
         raise preemption.Preempted(stop.signum, step, msg)
       if config.export and run.spec.peft is not None:
-        exported = os.path.join(workdir, export_lib.DIRS['flax'])
+        exported = fileio.join(workdir, export_lib.DIRS['flax'])
+        delta = sharding.gather_to_host(state.params)  # every process: shards others hold
         if is_main:  # the delta only, in diffusers' formats (dpg_jax/adapters.py)
-          adapters.export_delta(exported, run.spec.peft, state.params,
-                                adapters.base_model_record(config, run.sd.source))
+          with fileio.staged_dir(workdir) as out:  # a URL workdir: written locally, uploaded
+            adapters.export_delta(os.path.join(out, export_lib.DIRS['flax']), run.spec.peft,
+                                  delta, adapters.base_model_record(config, run.sd.source))
           logging.info('Exported the %s delta to %s', run.spec.peft.name, exported)
+        del delta
       elif config.export:
         exported = ', '.join(export_lib.export_paths(workdir, config.export_format))
+        # Every process takes part in gathering shards other hosts hold.
+        host_params = sharding.gather_to_host(full_params(state))
         if is_main:
-          export_lib.export_pipeline(workdir, run.sd, full_params(state),
-                                     export_format=config.export_format,
-                                     fp16=config.export_fp16)
+          with fileio.staged_dir(workdir) as out:  # a URL workdir: written locally, uploaded
+            export_lib.export_pipeline(out, run.sd, host_params,
+                                       export_format=config.export_format,
+                                       fp16=config.export_fp16)
           logging.info('Exported the fine-tuned pipeline to %s', exported)
+        del host_params
   finally:
     bar.close()
     writer.close()

@@ -6,6 +6,8 @@ the events a killed run logged past its checkpoint (no doubled curve points).
 """
 import json
 import os
+import shutil
+import tempfile
 import time
 
 from absl import logging
@@ -16,23 +18,33 @@ from dpg_jax import fileio
 
 
 class MetricWriter:
-  """Scalars to <workdir>/metrics.jsonl and TensorBoard events under <workdir>/tb."""
+  """Scalars to <workdir>/metrics.jsonl and TensorBoard events under <workdir>/tb.
+
+  A URL workdir (gs://, file://; see dpg_jax/fileio.py) has no append: the
+  JSON lines are rewritten whole at each log step, and the events file is
+  written locally and uploaded at each flush.
+  """
 
   def __init__(self, workdir: str, enabled: bool | None = None, resume_step: int | None = None):
     """resume_step: rows logged after it by a killed run are dropped (they are redone)."""
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
     self._jsonl = None
     self._tb = None
+    self._rows = None             # URL workdirs: every row, rewritten whole
     if self.enabled:
-      os.makedirs(workdir, exist_ok=True)
-      path = os.path.join(workdir, 'metrics.jsonl')
-      if resume_step is not None and os.path.exists(path):
+      fileio.makedirs(workdir)
+      path = fileio.join(workdir, 'metrics.jsonl')
+      self._path = path
+      if resume_step is not None and fileio.exists(path):
         keep = [r for r in read_metrics(workdir) if r['step'] <= resume_step]
         fileio.atomic_write_text(path, ''.join(json.dumps(r) + '\n' for r in keep))
-      self._jsonl = open(path, 'a', encoding='utf-8')
+      if fileio.is_local(path):
+        self._jsonl = open(path, 'a', encoding='utf-8')
+      else:
+        self._rows = read_metrics(workdir)
       # purge_step: events at steps > resume_step (logged by the killed run
       # after its last checkpoint) are hidden, as they are logged again.
-      self._tb = _TensorBoard(os.path.join(workdir, 'tb'),
+      self._tb = _TensorBoard(fileio.join(workdir, 'tb'),
                               purge_step=None if resume_step is None else int(resume_step) + 1)
 
   def scalars(self, step: int, scalars: dict) -> None:
@@ -43,8 +55,12 @@ class MetricWriter:
       v = float(np.asarray(v))
       row[k] = v
     self._tb.scalars(int(step), row)
-    self._jsonl.write(json.dumps(row) + '\n')
-    self._jsonl.flush()
+    if self._jsonl is not None:
+      self._jsonl.write(json.dumps(row) + '\n')
+      self._jsonl.flush()
+    else:
+      self._rows.append(row)
+      fileio.atomic_write_text(self._path, ''.join(json.dumps(r) + '\n' for r in self._rows))
 
   def image(self, step: int, tag: str, image_uint8: np.ndarray) -> None:
     if self.enabled:
@@ -52,12 +68,14 @@ class MetricWriter:
 
   def flush(self) -> None:
     if self.enabled:
-      self._jsonl.flush()
+      if self._jsonl is not None:
+        self._jsonl.flush()
       self._tb.flush()
 
   def close(self) -> None:
     if self.enabled:
-      self._jsonl.close()
+      if self._jsonl is not None:
+        self._jsonl.close()
       self._tb.close()
 
 
@@ -71,12 +89,15 @@ class _TensorBoard:
   def __init__(self, logdir: str, purge_step: int | None = None):
     from tensorboardX.event_file_writer import EventsWriter  # pylint: disable=g-import-not-at-top
     from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
-    os.makedirs(logdir, exist_ok=True)
     self._pb = event_pb2
+    # A URL logdir: events go to a local file, uploaded whole at each flush.
+    self._remote = None if fileio.is_local(logdir) else logdir
+    local = logdir if self._remote is None else tempfile.mkdtemp(prefix='dpg_jax_tb_')
+    os.makedirs(local, exist_ok=True)
     # The name holds whole seconds only: the suffix keeps two files of the same
     # second apart (a quick resume would overwrite) and in start order, which
     # TensorBoard reads them in.
-    self._w = EventsWriter(os.path.join(logdir, 'events'),
+    self._w = EventsWriter(os.path.join(local, 'events'),
                            filename_suffix=f'.{time.time_ns():020d}')
     if purge_step is not None:
       # TensorBoard drops earlier events at steps >= purge_step (a resumed run).
@@ -85,7 +106,7 @@ class _TensorBoard:
 
   def _write(self, **kw) -> None:
     self._w.write_event(self._pb.Event(wall_time=time.time(), **kw))
-    self._w.flush()
+    self.flush()
 
   def scalars(self, step: int, row: dict) -> None:
     from tensorboardX import summary  # pylint: disable=g-import-not-at-top
@@ -99,9 +120,18 @@ class _TensorBoard:
 
   def flush(self) -> None:
     self._w.flush()
+    if self._remote is not None:
+      local = self._w._file_name  # pylint: disable=protected-access
+      with open(local, 'rb') as f:
+        data = f.read()
+      fileio.atomic_write(fileio.join(self._remote, os.path.basename(local)),
+                          lambda out: out.write(data))
 
   def close(self) -> None:
+    self.flush()
     self._w.close()
+    if self._remote is not None:
+      shutil.rmtree(os.path.dirname(self._w._file_name), ignore_errors=True)  # pylint: disable=protected-access
 
 
 def read_metrics(workdir: str) -> list[dict]:
@@ -110,11 +140,12 @@ def read_metrics(workdir: str) -> list[dict]:
   A line that does not parse (torn by a kill mid-write, or garbled) is dropped
   with one warning, as the evaluation ledger does.
   """
-  path = os.path.join(workdir, 'metrics.jsonl')
-  if not os.path.exists(path):
+  path = fileio.join(workdir, 'metrics.jsonl')
+  if not fileio.exists(path):
     return []
-  with open(path, encoding='utf-8', errors='replace') as f:
-    lines = [line for line in f.read().split('\n') if line.strip()]
+  with fileio.path(path).open('rb') as f:
+    text = f.read().decode('utf-8', errors='replace')
+  lines = [line for line in text.split('\n') if line.strip()]
   rows, bad = [], 0
   for line in lines:
     try:

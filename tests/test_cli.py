@@ -171,7 +171,8 @@ def test_unknown_key_suggestions():
   assert msg('resolution') == 'unknown config key resolution (did you mean data.resolution?)'
   assert msg('sample.prompt') == 'unknown config key sample.prompt (did you mean sample.prompts?)'
   # Nothing close: the section's keys, not the section itself.
-  assert msg('mesh.foo') == 'unknown config key mesh.foo (mesh has data, param_sharding)'
+  assert msg('mesh.foo') == ('unknown config key mesh.foo (mesh has data, fsdp, param_sharding, '
+                             'rules)')
   assert msg('nosuch.bar') == 'unknown config key nosuch.bar'
 
 
