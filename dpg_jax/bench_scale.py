@@ -27,7 +27,7 @@ from absl import flags
 _WHAT = flags.DEFINE_enum('what', 'devices', ['devices', 'memory', 'subjects'], 'Which figure.')
 _DEVICES = flags.DEFINE_string('devices', '1,2,4,8', 'Device counts (devices, memory).')
 _SUBJECTS = flags.DEFINE_string('subjects', '1,2,4', 'Subject counts K (subjects).')
-_STEPS = flags.DEFINE_integer('steps', 5, 'Timed steps after the compile.')
+_STEPS = flags.DEFINE_integer('timed_steps', 5, 'Timed steps after the compile.')
 _BATCH = flags.DEFINE_integer('batch_size', 8, 'Instance images per step (global).')
 _RES = flags.DEFINE_integer('resolution', 512, 'memory: image resolution at SD1.4 shapes.')
 _PLATFORM = flags.DEFINE_string('platform', 'cpu', 'cpu: forced host devices.')
