@@ -12,17 +12,12 @@ with the robust critic.
   python -m dpg_jax.main --config=configs/custom_diffusion_dpg.py:tiny --workdir=/tmp/cd_dpg
 """
 from configs import custom_diffusion
-from dpg_jax import critic
+from configs import dreambooth_dpg
 
 
 def get_config(arg: str = 'faithful'):
   tiny = arg == 'tiny'
-  c = custom_diffusion.get_config('tiny' if tiny else '')
-  c.dpg.enabled = True
-  c.dpg.rewards = 'look_forward:1.0'
-  c.dpg.gamma = 0.9986
-  c.dpg.instance_mse_weight = 0.0
-  c.dpg.critic = critic.critic_config('robust' if tiny else (arg or 'faithful'))
-  c.dpg.critic.input = 'auto'
+  c = dreambooth_dpg.look_forward(custom_diffusion.get_config('tiny' if tiny else ''),
+                                  'robust' if tiny else arg)
   c.dpg.tiny_encoders = tiny
   return c

@@ -13,12 +13,17 @@ from configs import dreambooth
 from dpg_jax import critic
 
 
-def get_config(arg: str = 'faithful'):
-  c = dreambooth.get_config()
+def look_forward(c, preset: str = 'faithful'):
+  """The authors' look-forward DPG terms on any method's config (shared by the
+  Custom Diffusion and LoRA variants)."""
   c.dpg.enabled = True
   c.dpg.rewards = 'look_forward:1.0'
   c.dpg.gamma = 0.9986
   c.dpg.instance_mse_weight = 0.0
-  c.dpg.critic = critic.critic_config(arg or 'faithful')
+  c.dpg.critic = critic.critic_config(preset or 'faithful')
   c.dpg.critic.input = 'auto'
   return c
+
+
+def get_config(arg: str = 'faithful'):
+  return look_forward(dreambooth.get_config(), arg)

@@ -9,17 +9,12 @@ tiny random SD offline with the robust critic.
   python -m dpg_jax.main --config=configs/lora_dpg.py:tiny --workdir=/tmp/lora_dpg
 """
 from configs import lora
-from dpg_jax import critic
+from configs import dreambooth_dpg
 
 
 def get_config(arg: str = 'faithful'):
   tiny = arg == 'tiny'
-  c = lora.get_config('tiny' if tiny else '')
-  c.dpg.enabled = True
-  c.dpg.rewards = 'look_forward:1.0'
-  c.dpg.gamma = 0.9986
-  c.dpg.instance_mse_weight = 0.0
-  c.dpg.critic = critic.critic_config('robust' if tiny else (arg or 'faithful'))
-  c.dpg.critic.input = 'auto'
+  c = dreambooth_dpg.look_forward(lora.get_config('tiny' if tiny else ''),
+                                  'robust' if tiny else arg)
   c.dpg.tiny_encoders = tiny
   return c
