@@ -113,10 +113,15 @@ def bytes_to_unicode() -> dict:
 
 def tokenizer_vocab():
   """(vocab: dict[str, int], merges: list[str]) of the toy CLIP BPE tokenizer."""
+  return word_vocab(_WORDS)
+
+
+def word_vocab(words):
+  """(vocab, merges) of a CLIP BPE tokenizer: the 512 byte tokens + one token per word."""
   base = list(bytes_to_unicode().values())
   vocab = base + [c + '</w>' for c in base]
   merges = []
-  for word in _WORDS:
+  for word in words:
     # Merge left to right: ('p','h'), ('ph','o'), ..., ('phot','o</w>').
     parts = list(word[:-1]) + [word[-1] + '</w>']
     cur = parts[0]

@@ -65,22 +65,7 @@ EXTRA_WORDS = ('sks', 'toy', 'photo', 'of', 'the', 'in', 'on', 'at', 'by', 'with
 
 def tokenizer_vocab():
   """(vocab, merges) of the toy CLIP BPE tokenizer: bytes + one token per word."""
-  base = list(tiny.bytes_to_unicode().values())
-  vocab = base + [c + '</w>' for c in base]
-  merges = []
-  for word in sorted(set(world.vocabulary()) | set(EXTRA_WORDS)):
-    if len(word) < 2:
-      continue
-    parts = list(word[:-1]) + [word[-1] + '</w>']
-    cur = parts[0]
-    for nxt in parts[1:]:
-      m = f'{cur} {nxt}'
-      if m not in merges:
-        merges.append(m)
-        vocab.append(cur + nxt)
-      cur += nxt
-  vocab += ['<|startoftext|>', '<|endoftext|>']
-  return {tok: i for i, tok in enumerate(vocab)}, merges
+  return tiny.word_vocab(sorted(set(world.vocabulary()) | set(EXTRA_WORDS)))
 
 
 def write_tokenizer(path):
