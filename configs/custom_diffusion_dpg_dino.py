@@ -11,17 +11,12 @@ Custom Diffusion's parameters. The argument sets lambda (default 1.0);
   python -m dpg_jax.main --config=configs/custom_diffusion_dpg_dino.py:tiny --workdir=/tmp/cd_dino
 """
 from configs import custom_diffusion
-from dpg_jax import critic
+from configs import dreambooth_dpg_dino
 
 
 def get_config(arg: str = '1.0'):
   tiny = arg == 'tiny'
-  c = custom_diffusion.get_config('tiny' if tiny else '')
-  c.dpg.enabled = True
-  c.dpg.rewards = f'dino:{1.0 if tiny else float(arg or 1.0)}'
-  c.dpg.instance_mse_weight = 1.0
-  c.dpg.critic = critic.critic_config('robust')
-  c.dpg.critic.input = 'auto'
-  c.dpg.dino_model = 'facebook/dino-vits16'
+  c = dreambooth_dpg_dino.dino(custom_diffusion.get_config('tiny' if tiny else ''),
+                               1.0 if tiny else float(arg or 1.0))
   c.dpg.tiny_encoders = tiny
   return c

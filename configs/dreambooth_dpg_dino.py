@@ -11,13 +11,18 @@ from configs import dreambooth
 from dpg_jax import critic
 
 
-def get_config(arg: str = '1.0'):
-  c = dreambooth.get_config()
+def dino(c, weight: float):
+  """The DINO-reward DPG terms on any method's config (shared by the Custom
+  Diffusion variant)."""
   c.dpg.enabled = True
-  c.dpg.rewards = f'dino:{float(arg or 1.0)}'
+  c.dpg.rewards = f'dino:{weight}'
   c.dpg.instance_mse_weight = 1.0
   # The authors never released this variant; the robust critic keeps it stable.
   c.dpg.critic = critic.critic_config('robust')
   c.dpg.critic.input = 'auto'
   c.dpg.dino_model = 'facebook/dino-vits16'
   return c
+
+
+def get_config(arg: str = '1.0'):
+  return dino(dreambooth.get_config(), float(arg or 1.0))

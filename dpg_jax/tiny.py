@@ -136,9 +136,13 @@ def word_vocab(words):
 
 
 def _write_tokenizer(path):
+  return write_bpe_tokenizer(path, *tokenizer_vocab())
+
+
+def write_bpe_tokenizer(path, vocab, merges):
+  """A CLIPTokenizer of `vocab`/`merges` (see word_vocab) saved at `path`."""
   from transformers import CLIPTokenizer  # pylint: disable=g-import-not-at-top
-  os.makedirs(path)
-  vocab, merges = tokenizer_vocab()
+  os.makedirs(path, exist_ok=True)
   with open(os.path.join(path, 'vocab.json'), 'w', encoding='utf-8') as f:
     json.dump(vocab, f, ensure_ascii=False)
   with open(os.path.join(path, 'merges.txt'), 'w', encoding='utf-8') as f:

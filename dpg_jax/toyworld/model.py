@@ -7,7 +7,6 @@ the untrained pipeline in diffusers layout (what pretraining starts from);
 the shipped, pretrained one lives in `weights.BASE_DIR`. Channel counts are
 multiples of 32 in the UNet: diffusers' Flax UNet hard-codes GroupNorm(32).
 """
-import json
 import os
 
 from dpg_jax import models
@@ -69,16 +68,7 @@ def tokenizer_vocab():
 
 
 def write_tokenizer(path):
-  from transformers import CLIPTokenizer  # pylint: disable=g-import-not-at-top
-  os.makedirs(path, exist_ok=True)
-  vocab, merges = tokenizer_vocab()
-  with open(os.path.join(path, 'vocab.json'), 'w', encoding='utf-8') as f:
-    json.dump(vocab, f, ensure_ascii=False)
-  with open(os.path.join(path, 'merges.txt'), 'w', encoding='utf-8') as f:
-    f.write('#version: 0.2\n' + '\n'.join(merges) + '\n')
-  tok = CLIPTokenizer(os.path.join(path, 'vocab.json'), os.path.join(path, 'merges.txt'),
-                      pad_token='<|endoftext|>', model_max_length=77)
-  tok.save_pretrained(path)
+  tiny.write_bpe_tokenizer(path, *tokenizer_vocab())
 
 
 def text_encoder_config():

@@ -303,6 +303,18 @@ class CaptionBatches:
             'instance_index': idx.astype(np.int32), 'instance_ids': ids}
 
 
+def _cached_arrays(path, names, compute):
+  """The arrays `compute()` returns, saved at `path` (atomically) the first
+  time and read back on a resumed run."""
+  if os.path.isfile(path):
+    with np.load(path) as z:
+      return tuple(z[n] for n in names)
+  arrays = tuple(compute())
+  np.savez(path + '.tmp.npz', **dict(zip(names, arrays)))
+  os.replace(path + '.tmp.npz', path)
+  return arrays
+
+
 def encode_all(sd, vae_params, images, batch_size=64):
   enc = jax.jit(sd.encode_images)
   return data_lib.encode_images(lambda x: enc(vae_params, x), images, batch_size=batch_size)
@@ -312,14 +324,9 @@ def stage_unet(workdir, config, images, scenes):
   stage_dir = os.path.join(workdir, 'unet')
   os.makedirs(stage_dir, exist_ok=True)
   sd, params = models.load_stable_diffusion(os.path.join(workdir, 'vae', 'pipeline'))
-  lat_path = os.path.join(stage_dir, 'latents.npz')
-  if os.path.isfile(lat_path):
-    with np.load(lat_path) as z:
-      means, stds = z['mean'], z['std']
-  else:
-    means, stds = encode_all(sd, params['vae'], images)
-    np.savez(lat_path + '.tmp.npz', mean=means, std=stds)
-    os.replace(lat_path + '.tmp.npz', lat_path)
+  means, stds = _cached_arrays(
+      os.path.join(stage_dir, 'latents.npz'), ('mean', 'std'),
+      lambda: encode_all(sd, params['vae'], images))
   step_cfg = unet_step_config(config)
   spec = train_lib.make_step_spec(sd, step_cfg)
   mesh = sharding.make_mesh()
@@ -365,14 +372,9 @@ def stage_judge(workdir, config, images, scenes):
   stage_dir = os.path.join(workdir, 'judge')
   os.makedirs(stage_dir, exist_ok=True)
   sd, params = models.load_stable_diffusion(os.path.join(workdir, 'vae', 'pipeline'))
-  rec_path = os.path.join(stage_dir, 'reconstructions.npz')
-  if os.path.isfile(rec_path):
-    with np.load(rec_path) as z:
-      recs = z['images']
-  else:
-    recs = reconstruct(sd, params['vae'], images[-cfg.recon_scenes:])
-    np.savez(rec_path + '.tmp.npz', images=recs)
-    os.replace(rec_path + '.tmp.npz', rec_path)
+  recs, = _cached_arrays(
+      os.path.join(stage_dir, 'reconstructions.npz'), ('images',),
+      lambda: (reconstruct(sd, params['vae'], images[-cfg.recon_scenes:]),))
   # Reconstructions stand in for their scenes: the judge sees both looks.
   pool = np.concatenate([images, recs])
   pool_scenes = list(scenes) + list(scenes[-cfg.recon_scenes:])
