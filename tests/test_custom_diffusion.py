@@ -69,9 +69,7 @@ def test_crossattn_also_trains_q_and_out(tiny_sd):
 ])
 def test_bad_custom_diffusion_config_is_one_line_error(overrides, message):
   c = cd_config.get_config('tiny')
-  for k, v in overrides.items():
-    group, leaf = k.split('.') if '.' in k else (None, k)
-    (c[group] if group else c)[leaf] = v
+  c.update_from_flattened_dict(overrides)
   with pytest.raises(ValueError, match=message) as e:
     train.validate_config(c)
   assert '\n' not in str(e.value)

@@ -226,12 +226,7 @@ def test_lora_interceptor_dropout_and_merge_on_a_block():
 ])
 def test_bad_lora_config_is_one_line_error(overrides, message):
   c = lora_config.get_config('tiny')
-  for k, v in overrides.items():
-    node, *rest = k.split('.')
-    if rest:
-      c[node][rest[0]] = v
-    else:
-      c[node] = v
+  c.update_from_flattened_dict(overrides)
   with pytest.raises(ValueError, match=message.replace('(', r'\(')) as e:
     train.validate_config(c)
   assert '\n' not in str(e.value)

@@ -21,12 +21,7 @@ LAUNCH = os.path.join(REPO, 'launch', 'local_multiprocess.sh')
 def _cfg(**kw):
   c = ml_collections.ConfigDict({'distributed': None, 'cluster': {
       'coordinator_address': '', 'num_processes': 0, 'process_id': -1, 'local_device_ids': ''}})
-  for k, v in kw.items():
-    node, *rest = k.split('.')
-    if rest:
-      c[node][rest[0]] = v
-    else:
-      c[k] = v
+  c.update_from_flattened_dict(kw)
   return c
 
 
