@@ -9,6 +9,7 @@ import os
 import shutil
 
 import numpy as np
+from PIL import Image
 import pytest
 
 from configs import eval_dreambench
@@ -112,6 +113,38 @@ def test_scorer_numbers_and_clip_t_prompt(scorer):
   np.testing.assert_allclose(real['clip_i'], (n * same['clip_i'] - 1) / (n - 1), atol=1e-5)
 
 
+def test_scorer_per_image_scores_and_bad_input(scorer):
+  gen, refs = _images(3, 64, 6), scorer.references(_images(2, 64, 7))
+  out = scorer.score(gen, 'a toy', refs)
+  g_dino, g_clip = scorer.embed_images('dino', gen), scorer.embed_images('clip', gen)
+  text = scorer.embed_texts(['a toy'])[0]
+  np.testing.assert_allclose(out['per_image']['dino'],
+                             [np.mean([_unit(g) @ _unit(r) for r in refs.dino]) for g in g_dino],
+                             atol=1e-5)
+  np.testing.assert_allclose(out['per_image']['clip_t'], _unit(g_clip) @ _unit(text), atol=1e-5)
+  # A single photo has no pair: no real-image row (None, not NaN, in the ledger).
+  assert scorer.real_images(scorer.references(_images(1, 64, 8))) == {'dino': None,
+                                                                      'clip_i': None}
+  with pytest.raises(ValueError, match="kind='sam': expected dino or clip"):
+    scorer.embed_images('sam', gen)
+  with pytest.raises(ValueError, match='got no images'):
+    scorer.embed_images('dino', [])
+  with pytest.raises(ValueError, match='config key scorer.batch_size=0: expected >= 1'):
+    scorer_lib.Scorer(scorer.dino, None, scorer.clip, None, batch_size=0)
+
+
+def test_make_scorer_builds_the_tiny_encoders_in_the_workdir(tmp_path, scorer):
+  config = _driver_config()
+  config.seed = 0  # the fixture's encoders
+  built = scorer_lib.make_scorer(config, str(tmp_path))
+  assert built.batch_size == 4
+  assert (tmp_path / 'tiny_encoders' / 'dino').is_dir()
+  assert (tmp_path / 'tiny_encoders' / 'clip').is_dir()
+  imgs = _images(2, 64, 9)
+  np.testing.assert_allclose(built.embed_images('dino', imgs), scorer.embed_images('dino', imgs),
+                             atol=1e-6)
+
+
 # -- aggregation and reports --------------------------------------------------------
 def _prompt(subject, method, i, live, dino, clip_i, clip_t, n=2):
   return {'kind': 'prompt', 'subject': subject, 'method': method, 'prompt_index': i,
@@ -196,6 +229,64 @@ def test_results_markdown_exact():
       '| a | 0.900 | 0.900 | 0.100 |\n| Real images | 0.500 | 0.500 | N/A |\n'])
 
 
+def test_report_files_from_a_hand_made_ledger(tmp_path):
+  """ledger.jsonl written by hand -> results.json and the exact Table 1 layout of results.md."""
+  with open(tmp_path / ledger_lib.LEDGER, 'w') as f:
+    f.write(''.join(json.dumps(r) + '\n' for r in RECORDS))
+  results = report.summarize(ledger_lib.Ledger(str(tmp_path / ledger_lib.LEDGER)).values(),
+                             ['a', 'b'])
+  results['incomplete_units'] = 1
+  report.write_results(str(tmp_path), results)
+  with open(tmp_path / 'results.json') as f:
+    assert json.load(f) == results
+  head = '| Method | DINO | CLIP-I | CLIP-T |\n|---|---|---|---|\n'
+  assert (tmp_path / 'results.md').read_text() == '\n'.join([
+      '# DreamBench evaluation', '',
+      '**Incomplete**: 1 (subject, method, prompt) units not finished.', '',
+      '## Overall (mean over subjects)', '',
+      head + '| a | 0.567 | 0.600 | 0.200 |\n| b | 0.100 | 0.200 | 0.300 |\n'
+      '| Real images | 0.633 | 0.700 | N/A |\n',
+      '## Live subjects', '',
+      head + '| a | 0.400 | 0.450 | 0.250 |\n| b | 0.100 | 0.200 | 0.300 |\n'
+      '| Real images | 0.700 | 0.800 | N/A |\n',
+      '## Objects', '',
+      head + '| a | 0.900 | 0.900 | 0.100 |\n| Real images | 0.500 | 0.500 | N/A |\n',
+      '## Per subject', '',
+      '### can (object)', '',
+      head + '| a | 0.900 | 0.900 | 0.100 |\n| Real images | 0.500 | 0.500 | N/A |\n',
+      '### cat (live)', '',
+      head + '| a | 0.200 | 0.200 | 0.200 |\n| Real images | 0.600 | 0.700 | N/A |\n',
+      '### dog (live)', '',
+      head + '| a | 0.600 | 0.700 | 0.300 |\n| b | 0.100 | 0.200 | 0.300 |\n'
+      '| Real images | 0.800 | 0.900 | N/A |\n'])
+
+
+def test_subject_without_a_photo_pair_is_left_out_of_the_real_row_mean():
+  r = report.summarize([_real('dog', True, 0.8, 0.9), _real('cat', True, None, None),
+                        _prompt('cat', 'a', 0, True, 0.3, 0.4, 0.5)], ['a'])
+  real = r['overall'][report.REAL]
+  assert (real['dino'], real['clip_i'], real['clip_t']) == (0.8, 0.9, None)
+  assert r['overall']['a']['dino'] == 0.3 and r['overall']['a']['num_subjects'] == 1
+  assert report.format_table(r['per_subject']['cat'], ['a', report.REAL]).endswith(
+      '| a | 0.300 | 0.400 | 0.500 |\n| Real images | N/A | N/A | N/A |\n')
+
+
+def test_grid_rows_are_prompts_and_columns_seeds(tmp_path):
+  colours = {'p0_s0.png': (255, 0, 0), 'p0_s1.png': (0, 255, 0), 'p1_s0.png': (0, 0, 255)}
+  sampling.save_images(np.stack([np.full((8, 8, 3), c, np.uint8) for c in colours.values()]),
+                       str(tmp_path), names=list(colours))
+  records = [{'prompt_index': 1, 'files': ['p1_s0.png']},   # one seed short
+             {'prompt_index': 0, 'files': ['p0_s0.png', 'p0_s1.png']}]
+  path = report.write_grid(str(tmp_path), records, str(tmp_path / 'grids' / 'm' / 's.png'))
+  grid = np.asarray(Image.open(path).convert('RGB'))
+  assert grid.shape == (16, 16, 3)
+  cells = {(r, c): tuple(grid[8 * r, 8 * c]) for r in range(2) for c in range(2)}
+  assert cells == {(0, 0): (255, 0, 0), (0, 1): (0, 255, 0), (1, 0): (0, 0, 255),
+                   (1, 1): (0, 0, 0)}
+  assert report.write_grid(str(tmp_path), [], str(tmp_path / 'none.png')) is None
+  assert not (tmp_path / 'none.png').exists()
+
+
 # -- ledger, subjects, configs --------------------------------------------------------
 def test_ledger_drops_torn_and_duplicate_lines(tmp_path):
   path = str(tmp_path / 'ledger.jsonl')
@@ -213,6 +304,45 @@ def test_ledger_drops_torn_and_duplicate_lines(tmp_path):
     assert len(f.read().splitlines()) == 2    # repaired on disk
   ledger.append(RECORDS[1])
   assert len(ledger_lib.Ledger(path)) == 3
+
+
+def test_settings_are_fixed_by_the_first_unit(tmp_path):
+  workdir, config = str(tmp_path), _driver_config()
+  settings = ledger_lib.eval_settings(config)
+  ledger_lib.check_settings(workdir, {'any': 'thing'})   # no unit yet: anything goes
+  ledger_lib.fix_settings(workdir, settings)
+  ledger_lib.fix_settings(workdir, {'other': 1})         # written once only
+  ledger_lib.check_settings(workdir, settings)
+  config.images_per_prompt = 3
+  with pytest.raises(ValueError, match=r'other settings \(images_per_prompt: 2 -> 3\)'):
+    ledger_lib.check_settings(workdir, ledger_lib.eval_settings(config))
+
+
+def test_run_dir_is_resumed_reused_or_retrained(tmp_path, caplog):
+  run_dir = str(tmp_path / 'runs' / 'm' / 's')
+  attempt = os.path.join(run_dir, ledger_lib.TRAIN_ATTEMPT)
+  record = ledger_lib.start_run(run_dir, 'fp1', {'learning_rate': 1e-4}, 'm', 's')
+  assert json.loads(record) == {'fingerprint': 'fp1', 'config': {'learning_rate': 1e-4}}
+  with open(os.path.join(run_dir, 'partial.txt'), 'w') as f:
+    f.write('x')
+  # A stopped attempt with the same settings is kept: training resumes it.
+  assert ledger_lib.start_run(run_dir, 'fp1', {'learning_rate': 1e-4}, 'm', 's') == record
+  assert os.path.isfile(os.path.join(run_dir, 'partial.txt')) and os.path.isfile(attempt)
+  with pytest.raises(RuntimeError, match='Training m on s left no pipeline'):
+    ledger_lib.finish_run(run_dir, record, 'm', 's')
+  os.makedirs(os.path.join(run_dir, 'export'))
+  with open(os.path.join(run_dir, 'export', 'model_index.json'), 'w') as f:
+    f.write('{}')
+  ledger_lib.finish_run(run_dir, record, 'm', 's')
+  assert not os.path.exists(attempt)
+  with open(os.path.join(run_dir, ledger_lib.TRAIN_FINGERPRINT)) as f:
+    assert f.read() == record
+  assert ledger_lib.start_run(run_dir, 'fp1', {'learning_rate': 1e-4}, 'm', 's') is None
+  # Other training settings: the run is deleted and trained anew.
+  with caplog.at_level('WARNING'):
+    assert ledger_lib.start_run(run_dir, 'fp2', {'learning_rate': 3e-4}, 'm', 's') is not None
+  assert 'other training settings (learning_rate: 0.0001 -> 0.0003)' in caplog.text
+  assert os.listdir(run_dir) == [ledger_lib.TRAIN_ATTEMPT]
 
 
 def test_select_subjects():
