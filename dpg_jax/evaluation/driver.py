@@ -27,19 +27,6 @@ from dpg_jax.evaluation import report as report_lib
 from dpg_jax.evaluation import scorer as scorer_lib
 
 
-def _pipeline_fingerprint(export_dir: str) -> str:
-  """Hash of a pipeline's configs and tokenizer (what a compiled Sampler bakes in)."""
-  h = hashlib.sha1()
-  for root, _, files in sorted(os.walk(export_dir)):
-    for name in sorted(files):
-      if name.endswith(('.json', '.txt')):
-        path = os.path.join(root, name)
-        h.update(os.path.relpath(path, export_dir).encode())
-        with open(path, 'rb') as f:
-          h.update(f.read())
-  return h.hexdigest()
-
-
 def validate_config(config) -> None:
   if not config.methods:
     raise ValueError('config key methods is empty.')
@@ -62,6 +49,19 @@ def validate_config(config) -> None:
     raise ValueError(f'config key prompts_limit={config.prompts_limit}: expected >= 0.')
   if config.seed < 0 or config.seed + config.images_per_prompt > 2 ** 32:
     raise ValueError(f'config key seed={config.seed}: seeds must lie in [0, 2**32).')
+
+
+def _pipeline_fingerprint(export_dir: str) -> str:
+  """Hash of a pipeline's configs and tokenizer (what a compiled Sampler bakes in)."""
+  h = hashlib.sha1()
+  for root, _, files in sorted(os.walk(export_dir)):
+    for name in sorted(files):
+      if name.endswith(('.json', '.txt')):
+        path = os.path.join(root, name)
+        h.update(os.path.relpath(path, export_dir).encode())
+        with open(path, 'rb') as f:
+          h.update(f.read())
+  return h.hexdigest()
 
 
 class _Timer:
