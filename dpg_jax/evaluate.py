@@ -1,4 +1,4 @@
-"""Entry point of the DreamBench evaluation (dpg_jax/evaluation.py).
+"""Entry point of the DreamBench evaluation (dpg_jax/evaluation/).
 
   python -m dpg_jax.evaluate --config=configs/eval_tiny.py --workdir=/tmp/dpg_eval_tiny
   python -m dpg_jax.evaluate --config=configs/eval_dreambench.py --workdir=runs/eval \\

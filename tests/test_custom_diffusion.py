@@ -328,15 +328,15 @@ def test_evaluation_driver_knows_the_methods(tmp_path):
   Custom Diffusion keeps its token as the identifier and gets prompts naming it."""
   import test_evaluation  # pylint: disable=g-import-not-at-top
   from configs import eval_dreambench  # pylint: disable=g-import-not-at-top
-  from dpg_jax import evaluation  # pylint: disable=g-import-not-at-top
+  from dpg_jax.evaluation import plan  # pylint: disable=g-import-not-at-top
   config = eval_dreambench.get_config()
   spec = test_evaluation._subject_spec(tmp_path)  # pylint: disable=protected-access
   for name in PEFT_METHODS + tuple(f'tiny_{m}' for m in PEFT_METHODS):
-    cfg = evaluation.training_config(config, name, spec, str(tmp_path))
+    cfg = plan.training_config(config, name, spec, str(tmp_path))
     train.validate_config(cfg)
     method = 'lora' if 'lora' in name else 'custom_diffusion'
     assert cfg.finetune.method == method
     assert cfg.data.identifier == ('<new1>' if method == 'custom_diffusion' else 'sks')
     assert cfg.dpg.enabled == ('dpg' in name)
-  assert evaluation._with_identifier('a sks toy near sksx', 'sks', '<new1>') == (  # pylint: disable=protected-access
+  assert plan.with_identifier('a sks toy near sksx', 'sks', '<new1>') == (
       'a <new1> toy near sksx')

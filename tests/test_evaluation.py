@@ -1,4 +1,4 @@
-"""Tests of dpg_jax.evaluation: metric math, reports, ledger and the resumable driver.
+"""Tests of dpg_jax.evaluation: scorer, report, ledger, plan and the resumable driver.
 
 Encoders are the tiny random DINO / CLIP; the driver test swaps training for a
 copy of the tiny SD (train_fn), so it runs the real sampling, scoring, ledger
@@ -9,13 +9,19 @@ import os
 import shutil
 
 import numpy as np
+from PIL import Image
 import pytest
 
 from configs import eval_dreambench
 from dpg_jax import encoders
 from dpg_jax import evaluation
+from dpg_jax import rewards
 from dpg_jax import sampling
 from dpg_jax.datasets import Subject
+from dpg_jax.evaluation import ledger as ledger_lib
+from dpg_jax.evaluation import plan
+from dpg_jax.evaluation import report
+from dpg_jax.evaluation import scorer as scorer_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -33,27 +39,27 @@ def _np_pair_mean(a, b):
 def test_identical_and_orthogonal_embeddings():
   e = np.eye(4, dtype=np.float32)
   x = np.array([[3.0, 0.0, 0.0, 0.0]], np.float32)
-  np.testing.assert_allclose(evaluation.pair_mean(x, 2 * x), 1.0, atol=1e-6)
-  np.testing.assert_allclose(evaluation.pair_mean(e[:1], e[1:]), 0.0, atol=1e-7)
-  np.testing.assert_allclose(evaluation.text_similarity(e[0], e), [1, 0, 0, 0], atol=1e-7)
+  np.testing.assert_allclose(scorer_lib.pair_mean(x, 2 * x), 1.0, atol=1e-6)
+  np.testing.assert_allclose(scorer_lib.pair_mean(e[:1], e[1:]), 0.0, atol=1e-7)
+  np.testing.assert_allclose(scorer_lib.text_similarity(e[0], e), [1, 0, 0, 0], atol=1e-7)
   # Orthogonal references: every off-diagonal pair is 0 (self-pairs, 1, excluded).
-  np.testing.assert_allclose(evaluation.self_excluded_mean(e), 0.0, atol=1e-7)
-  np.testing.assert_allclose(evaluation.self_excluded_mean(np.ones((3, 4))), 1.0, atol=1e-6)
-  assert np.isnan(evaluation.self_excluded_mean(e[:1]))
+  np.testing.assert_allclose(scorer_lib.self_excluded_mean(e), 0.0, atol=1e-7)
+  np.testing.assert_allclose(scorer_lib.self_excluded_mean(np.ones((3, 4))), 1.0, atol=1e-6)
+  assert np.isnan(scorer_lib.self_excluded_mean(e[:1]))
 
 
 def test_pair_means_match_numpy():
   rng = np.random.default_rng(0)
   gen, ref = rng.normal(size=(5, 8)), rng.normal(size=(3, 8))
   per_image = [np.mean([_unit(g) @ _unit(r) for r in ref]) for g in gen]
-  np.testing.assert_allclose(evaluation.pair_similarity(gen, ref), per_image, atol=1e-6)
-  np.testing.assert_allclose(evaluation.pair_mean(gen, ref), _np_pair_mean(gen, ref), atol=1e-6)
+  np.testing.assert_allclose(scorer_lib.pair_similarity(gen, ref), per_image, atol=1e-6)
+  np.testing.assert_allclose(scorer_lib.pair_mean(gen, ref), _np_pair_mean(gen, ref), atol=1e-6)
   # Real-image row: ordered pairs i != j only.
   want = np.mean([_unit(ref[i]) @ _unit(ref[j]) for i in range(3) for j in range(3) if i != j])
-  np.testing.assert_allclose(evaluation.self_excluded_mean(ref), want, atol=1e-6)
+  np.testing.assert_allclose(scorer_lib.self_excluded_mean(ref), want, atol=1e-6)
   assert abs(want - _np_pair_mean(ref, ref)) > 0.05  # self-pairs would change it
   text = rng.normal(size=8)
-  np.testing.assert_allclose(evaluation.text_similarity(text, gen),
+  np.testing.assert_allclose(scorer_lib.text_similarity(text, gen),
                              [_unit(g) @ _unit(text) for g in gen], atol=1e-6)
 
 
@@ -63,7 +69,7 @@ def scorer(tmp_path_factory):
   base = tmp_path_factory.mktemp('encoders')
   dino = encoders.build_tiny_dino(str(base / 'dino'), seed=0)
   clip = encoders.build_tiny_clip(str(base / 'clip'), seed=0)
-  return evaluation.Scorer.load(dino, clip, batch_size=4)
+  return scorer_lib.Scorer.load(dino, clip, batch_size=4)
 
 
 def _images(n, size, seed):
@@ -87,7 +93,7 @@ def test_scorer_numbers_and_clip_t_prompt(scorer):
   refs_imgs, gen = _images(3, 72, 3), _images(2, 64, 4)
   refs = scorer.references(refs_imgs)
   prompt = 'a sks toy in the snow'
-  clip_t_prompt = evaluation.rewards.strip_identifier(prompt, 'sks')
+  clip_t_prompt = rewards.strip_identifier(prompt, 'sks')
   assert clip_t_prompt == 'a toy in the snow'
   out = scorer.score(gen, clip_t_prompt, refs)
   g_dino, g_clip = scorer.embed_images('dino', gen), scorer.embed_images('clip', gen)
@@ -105,6 +111,38 @@ def test_scorer_numbers_and_clip_t_prompt(scorer):
   n = 3
   np.testing.assert_allclose(real['dino'], (n * same['dino'] - 1) / (n - 1), atol=1e-5)
   np.testing.assert_allclose(real['clip_i'], (n * same['clip_i'] - 1) / (n - 1), atol=1e-5)
+
+
+def test_scorer_per_image_scores_and_bad_input(scorer):
+  gen, refs = _images(3, 64, 6), scorer.references(_images(2, 64, 7))
+  out = scorer.score(gen, 'a toy', refs)
+  g_dino, g_clip = scorer.embed_images('dino', gen), scorer.embed_images('clip', gen)
+  text = scorer.embed_texts(['a toy'])[0]
+  np.testing.assert_allclose(out['per_image']['dino'],
+                             [np.mean([_unit(g) @ _unit(r) for r in refs.dino]) for g in g_dino],
+                             atol=1e-5)
+  np.testing.assert_allclose(out['per_image']['clip_t'], _unit(g_clip) @ _unit(text), atol=1e-5)
+  # A single photo has no pair: no real-image row (None, not NaN, in the ledger).
+  assert scorer.real_images(scorer.references(_images(1, 64, 8))) == {'dino': None,
+                                                                      'clip_i': None}
+  with pytest.raises(ValueError, match="kind='sam': expected dino or clip"):
+    scorer.embed_images('sam', gen)
+  with pytest.raises(ValueError, match='got no images'):
+    scorer.embed_images('dino', [])
+  with pytest.raises(ValueError, match='config key scorer.batch_size=0: expected >= 1'):
+    scorer_lib.Scorer(scorer.dino, None, scorer.clip, None, batch_size=0)
+
+
+def test_make_scorer_builds_the_tiny_encoders_in_the_workdir(tmp_path, scorer):
+  config = _driver_config()
+  config.seed = 0  # the fixture's encoders
+  built = scorer_lib.make_scorer(config, str(tmp_path))
+  assert built.batch_size == 4
+  assert (tmp_path / 'tiny_encoders' / 'dino').is_dir()
+  assert (tmp_path / 'tiny_encoders' / 'clip').is_dir()
+  imgs = _images(2, 64, 9)
+  np.testing.assert_allclose(built.embed_images('dino', imgs), scorer.embed_images('dino', imgs),
+                             atol=1e-6)
 
 
 # -- aggregation and reports --------------------------------------------------------
@@ -131,22 +169,22 @@ RECORDS = [
 
 
 def test_summarize_groups():
-  r = evaluation.summarize(RECORDS, ['a', 'b'])
+  r = report.summarize(RECORDS, ['a', 'b'])
   assert r['subjects'] == ['can', 'cat', 'dog'] and r['live_subjects'] == ['cat', 'dog']
   dog = r['per_subject']['dog']
-  np.testing.assert_allclose([dog['a'][k] for k in evaluation.METRICS], [0.6, 0.7, 0.3])
+  np.testing.assert_allclose([dog['a'][k] for k in scorer_lib.METRICS], [0.6, 0.7, 0.3])
   assert dog['a']['num_prompts'] == 2 and dog['a']['num_images'] == 4
-  assert dog[evaluation.REAL] == {'dino': 0.8, 'clip_i': 0.9, 'clip_t': None, 'num_images': 4}
+  assert dog[report.REAL] == {'dino': 0.8, 'clip_i': 0.9, 'clip_t': None, 'num_images': 4}
   live, obj, overall = r['groups']['live'], r['groups']['object'], r['overall']
-  np.testing.assert_allclose([live['a'][k] for k in evaluation.METRICS], [0.4, 0.45, 0.25])
-  np.testing.assert_allclose([obj['a'][k] for k in evaluation.METRICS], [0.9, 0.9, 0.1])
+  np.testing.assert_allclose([live['a'][k] for k in scorer_lib.METRICS], [0.4, 0.45, 0.25])
+  np.testing.assert_allclose([obj['a'][k] for k in scorer_lib.METRICS], [0.9, 0.9, 0.1])
   # Overall = mean over subjects (not over prompts).
-  np.testing.assert_allclose([overall['a'][k] for k in evaluation.METRICS],
+  np.testing.assert_allclose([overall['a'][k] for k in scorer_lib.METRICS],
                              [(0.6 + 0.2 + 0.9) / 3, (0.7 + 0.2 + 0.9) / 3, (0.3 + 0.2 + 0.1) / 3])
   assert overall['a']['num_subjects'] == 3 and overall['b']['num_subjects'] == 1
-  np.testing.assert_allclose([overall[evaluation.REAL]['dino'], overall[evaluation.REAL]['clip_i']],
+  np.testing.assert_allclose([overall[report.REAL]['dino'], overall[report.REAL]['clip_i']],
                              [(0.8 + 0.6 + 0.5) / 3, (0.9 + 0.7 + 0.5) / 3])
-  assert overall[evaluation.REAL]['clip_t'] is None
+  assert overall[report.REAL]['clip_t'] is None
   assert 'b' not in obj
   assert len(r['per_prompt']) == 5
 
@@ -154,15 +192,15 @@ def test_summarize_groups():
 def test_subject_mean_weights_prompts_by_images():
   recs = [_prompt('dog', 'a', 0, True, 0.0, 0.0, 0.0, n=1),
           _prompt('dog', 'a', 1, True, 1.0, 1.0, 1.0, n=3)]
-  row = evaluation.summarize(recs)['per_subject']['dog']['a']
+  row = report.summarize(recs)['per_subject']['dog']['a']
   assert row['dino'] == pytest.approx(0.75)
 
 
 def test_format_table_exact():
   rows = {'b': {'dino': 0.1234, 'clip_i': 0.5, 'clip_t': 0.2996},
-          evaluation.REAL: {'dino': 0.774, 'clip_i': 0.885, 'clip_t': None},
+          report.REAL: {'dino': 0.774, 'clip_i': 0.885, 'clip_t': None},
           'a': {'dino': 0.6945, 'clip_i': 0.762, 'clip_t': 0.282}}
-  assert evaluation.format_table(rows, ['a', 'b', evaluation.REAL, 'missing']) == (
+  assert report.format_table(rows, ['a', 'b', report.REAL, 'missing']) == (
       '| Method | DINO | CLIP-I | CLIP-T |\n'
       '|---|---|---|---|\n'
       '| a | 0.695 | 0.762 | 0.282 |\n'
@@ -171,10 +209,10 @@ def test_format_table_exact():
 
 
 def test_results_markdown_exact():
-  r = evaluation.summarize([RECORDS[4], RECORDS[7]], ['a'])
+  r = report.summarize([RECORDS[4], RECORDS[7]], ['a'])
   r['settings'] = {'images_per_prompt': 2, 'seed': 0, 'dino_model': 'D', 'clip_model': 'C'}
   r['missing_subjects'] = ['dog']
-  assert evaluation.results_markdown(r) == '\n'.join([
+  assert report.results_markdown(r) == '\n'.join([
       '# DreamBench evaluation', '',
       '1 subjects (0 live, 1 objects), 2 images per prompt, seeds from 0; DINO: D, CLIP: C. '
       'Raw cosine similarities.', '',
@@ -191,10 +229,68 @@ def test_results_markdown_exact():
       '| a | 0.900 | 0.900 | 0.100 |\n| Real images | 0.500 | 0.500 | N/A |\n'])
 
 
+def test_report_files_from_a_hand_made_ledger(tmp_path):
+  """ledger.jsonl written by hand -> results.json and the exact Table 1 layout of results.md."""
+  with open(tmp_path / ledger_lib.LEDGER, 'w') as f:
+    f.write(''.join(json.dumps(r) + '\n' for r in RECORDS))
+  results = report.summarize(ledger_lib.Ledger(str(tmp_path / ledger_lib.LEDGER)).values(),
+                             ['a', 'b'])
+  results['incomplete_units'] = 1
+  report.write_results(str(tmp_path), results)
+  with open(tmp_path / 'results.json') as f:
+    assert json.load(f) == results
+  head = '| Method | DINO | CLIP-I | CLIP-T |\n|---|---|---|---|\n'
+  assert (tmp_path / 'results.md').read_text() == '\n'.join([
+      '# DreamBench evaluation', '',
+      '**Incomplete**: 1 (subject, method, prompt) units not finished.', '',
+      '## Overall (mean over subjects)', '',
+      head + '| a | 0.567 | 0.600 | 0.200 |\n| b | 0.100 | 0.200 | 0.300 |\n'
+      '| Real images | 0.633 | 0.700 | N/A |\n',
+      '## Live subjects', '',
+      head + '| a | 0.400 | 0.450 | 0.250 |\n| b | 0.100 | 0.200 | 0.300 |\n'
+      '| Real images | 0.700 | 0.800 | N/A |\n',
+      '## Objects', '',
+      head + '| a | 0.900 | 0.900 | 0.100 |\n| Real images | 0.500 | 0.500 | N/A |\n',
+      '## Per subject', '',
+      '### can (object)', '',
+      head + '| a | 0.900 | 0.900 | 0.100 |\n| Real images | 0.500 | 0.500 | N/A |\n',
+      '### cat (live)', '',
+      head + '| a | 0.200 | 0.200 | 0.200 |\n| Real images | 0.600 | 0.700 | N/A |\n',
+      '### dog (live)', '',
+      head + '| a | 0.600 | 0.700 | 0.300 |\n| b | 0.100 | 0.200 | 0.300 |\n'
+      '| Real images | 0.800 | 0.900 | N/A |\n'])
+
+
+def test_subject_without_a_photo_pair_is_left_out_of_the_real_row_mean():
+  r = report.summarize([_real('dog', True, 0.8, 0.9), _real('cat', True, None, None),
+                        _prompt('cat', 'a', 0, True, 0.3, 0.4, 0.5)], ['a'])
+  real = r['overall'][report.REAL]
+  assert (real['dino'], real['clip_i'], real['clip_t']) == (0.8, 0.9, None)
+  assert r['overall']['a']['dino'] == 0.3 and r['overall']['a']['num_subjects'] == 1
+  assert report.format_table(r['per_subject']['cat'], ['a', report.REAL]).endswith(
+      '| a | 0.300 | 0.400 | 0.500 |\n| Real images | N/A | N/A | N/A |\n')
+
+
+def test_grid_rows_are_prompts_and_columns_seeds(tmp_path):
+  colours = {'p0_s0.png': (255, 0, 0), 'p0_s1.png': (0, 255, 0), 'p1_s0.png': (0, 0, 255)}
+  sampling.save_images(np.stack([np.full((8, 8, 3), c, np.uint8) for c in colours.values()]),
+                       str(tmp_path), names=list(colours))
+  records = [{'prompt_index': 1, 'files': ['p1_s0.png']},   # one seed short
+             {'prompt_index': 0, 'files': ['p0_s0.png', 'p0_s1.png']}]
+  path = report.write_grid(str(tmp_path), records, str(tmp_path / 'grids' / 'm' / 's.png'))
+  grid = np.asarray(Image.open(path).convert('RGB'))
+  assert grid.shape == (16, 16, 3)
+  cells = {(r, c): tuple(grid[8 * r, 8 * c]) for r in range(2) for c in range(2)}
+  assert cells == {(0, 0): (255, 0, 0), (0, 1): (0, 255, 0), (1, 0): (0, 0, 255),
+                   (1, 1): (0, 0, 0)}
+  assert report.write_grid(str(tmp_path), [], str(tmp_path / 'none.png')) is None
+  assert not (tmp_path / 'none.png').exists()
+
+
 # -- ledger, subjects, configs --------------------------------------------------------
 def test_ledger_drops_torn_and_duplicate_lines(tmp_path):
   path = str(tmp_path / 'ledger.jsonl')
-  ledger = evaluation.Ledger(path)
+  ledger = ledger_lib.Ledger(path)
   ledger.append(RECORDS[0])
   ledger.append(RECORDS[5])
   with pytest.raises(ValueError, match='already in the ledger'):
@@ -202,52 +298,91 @@ def test_ledger_drops_torn_and_duplicate_lines(tmp_path):
   with open(path, 'a') as f:
     f.write(json.dumps(RECORDS[0]) + '\n')   # a duplicate
     f.write(json.dumps(RECORDS[1])[:-7])      # killed mid-write
-  ledger = evaluation.Ledger(path)
+  ledger = ledger_lib.Ledger(path)
   assert sorted(ledger.records) == [('prompt', 'dog', 'a', 0, None), ('real', 'dog')]
   with open(path) as f:
     assert len(f.read().splitlines()) == 2    # repaired on disk
   ledger.append(RECORDS[1])
-  assert len(evaluation.Ledger(path)) == 3
+  assert len(ledger_lib.Ledger(path)) == 3
+
+
+def test_settings_are_fixed_by_the_first_unit(tmp_path):
+  workdir, config = str(tmp_path), _driver_config()
+  settings = ledger_lib.eval_settings(config)
+  ledger_lib.check_settings(workdir, {'any': 'thing'})   # no unit yet: anything goes
+  ledger_lib.fix_settings(workdir, settings)
+  ledger_lib.fix_settings(workdir, {'other': 1})         # written once only
+  ledger_lib.check_settings(workdir, settings)
+  config.images_per_prompt = 3
+  with pytest.raises(ValueError, match=r'other settings \(images_per_prompt: 2 -> 3\)'):
+    ledger_lib.check_settings(workdir, ledger_lib.eval_settings(config))
+
+
+def test_run_dir_is_resumed_reused_or_retrained(tmp_path, caplog):
+  run_dir = str(tmp_path / 'runs' / 'm' / 's')
+  attempt = os.path.join(run_dir, ledger_lib.TRAIN_ATTEMPT)
+  record = ledger_lib.start_run(run_dir, 'fp1', {'learning_rate': 1e-4}, 'm', 's')
+  assert json.loads(record) == {'fingerprint': 'fp1', 'config': {'learning_rate': 1e-4}}
+  with open(os.path.join(run_dir, 'partial.txt'), 'w') as f:
+    f.write('x')
+  # A stopped attempt with the same settings is kept: training resumes it.
+  assert ledger_lib.start_run(run_dir, 'fp1', {'learning_rate': 1e-4}, 'm', 's') == record
+  assert os.path.isfile(os.path.join(run_dir, 'partial.txt')) and os.path.isfile(attempt)
+  with pytest.raises(RuntimeError, match='Training m on s left no pipeline'):
+    ledger_lib.finish_run(run_dir, record, 'm', 's')
+  os.makedirs(os.path.join(run_dir, 'export'))
+  with open(os.path.join(run_dir, 'export', 'model_index.json'), 'w') as f:
+    f.write('{}')
+  ledger_lib.finish_run(run_dir, record, 'm', 's')
+  assert not os.path.exists(attempt)
+  with open(os.path.join(run_dir, ledger_lib.TRAIN_FINGERPRINT)) as f:
+    assert f.read() == record
+  assert ledger_lib.start_run(run_dir, 'fp1', {'learning_rate': 1e-4}, 'm', 's') is None
+  # Other training settings: the run is deleted and trained anew.
+  with caplog.at_level('WARNING'):
+    assert ledger_lib.start_run(run_dir, 'fp2', {'learning_rate': 3e-4}, 'm', 's') is not None
+  assert 'other training settings (learning_rate: 0.0001 -> 0.0003)' in caplog.text
+  assert os.listdir(run_dir) == [ledger_lib.TRAIN_ATTEMPT]
 
 
 def test_select_subjects():
   bench = ('a', 'b', 'c')
-  assert evaluation.select_subjects((), ['c', 'a'], bench) == (['a', 'c'], ['b'])
-  assert evaluation.select_subjects(('c',), ['c', 'a'], bench) == (['c'], [])
+  assert plan.select_subjects((), ['c', 'a'], bench) == (['a', 'c'], ['b'])
+  assert plan.select_subjects(('c',), ['c', 'a'], bench) == (['c'], [])
   with pytest.raises(ValueError, match=r"\['b'\] not available"):
-    evaluation.select_subjects(('b',), ['c', 'a'], bench)
-  assert evaluation.select_subjects((), ['x'], ()) == (['x'], [])
+    plan.select_subjects(('b',), ['c', 'a'], bench)
+  assert plan.select_subjects((), ['x'], ()) == (['x'], [])
 
 
 def _subject_spec(tmp_path):
   subject = Subject(name='thing', class_noun='toy', live=False, images=(_images(1, 64, 0)[0],),
                     prompt_templates=('a {} in the snow',))
-  return evaluation.SubjectSpec(subject, {'instance_dir': str(tmp_path / 'photos')})
+  return plan.SubjectSpec(subject, {'instance_dir': str(tmp_path / 'photos')})
 
 
 def test_eval_configs_and_training_configs(tmp_path):
   from dpg_jax import train  # pylint: disable=g-import-not-at-top
   spec = _subject_spec(tmp_path)
   for name in ('eval_dreambench', 'eval_tiny'):
-    config = evaluation.load_config_file(f'configs/{name}.py')
+    config = plan.load_config_file(f'configs/{name}.py')
     evaluation.validate_config(config)
     for method in config.method_configs:
-      cfg = evaluation.training_config(config, method, spec, str(tmp_path))
+      cfg = plan.training_config(config, method, spec, str(tmp_path))
       train.validate_config(cfg)
       assert cfg.data.instance_dir == str(tmp_path / 'photos') and not cfg.data.subject
       assert cfg.data.class_noun == 'toy' and cfg.export and cfg.sample_every == 0
-  tiny = evaluation.load_config_file('configs/eval_tiny.py')
-  a, b = (evaluation.training_config(tiny, m, spec, str(tmp_path)) for m in ('tiny', 'tiny_dpg'))
+  tiny = plan.load_config_file('configs/eval_tiny.py')
+  a, b = (plan.training_config(tiny, m, spec, str(tmp_path)) for m in ('tiny', 'tiny_dpg'))
   assert a.num_steps == b.num_steps == 30
   shared = str(tmp_path / 'pretrained' / 'tiny_tiny_seed0')
   assert a.model.pretrained == b.model.pretrained == shared
   assert a.data.class_dir == b.data.class_dir != ''  # one set of class images
   assert b.dpg.enabled and not a.dpg.enabled
-  full = evaluation.load_config_file('configs/eval_dreambench.py')
-  assert evaluation.training_config(full, 'dreambooth', spec, str(tmp_path)).num_steps == 1000
+  full = plan.load_config_file('configs/eval_dreambench.py')
+  assert plan.training_config(full, 'dreambooth', spec, str(tmp_path)).num_steps == 1000
   full.train.unknown_key = 1
   with pytest.raises(KeyError, match='train.unknown_key'):
-    evaluation.training_config(full, 'dreambooth', spec, str(tmp_path))
+    plan.training_config(full, 'dreambooth', spec, str(tmp_path))
 
 
 # -- the driver -----------------------------------------------------------------------
@@ -277,7 +412,7 @@ def _np_self_excluded(e):
 
 def test_driver_resumes_without_duplicates_or_recompute(tmp_path, tiny_sd_dir, monkeypatch,
                                                         scorer):
-  monkeypatch.setattr(evaluation, 'make_scorer', lambda config, workdir: scorer)
+  monkeypatch.setattr(scorer_lib, 'make_scorer', lambda config, workdir: scorer)
   workdir = str(tmp_path / 'eval')
   calls = {'train': [], 'sample': 0, 'score': 0, 'kill_at': 3}
 
@@ -286,7 +421,7 @@ def test_driver_resumes_without_duplicates_or_recompute(tmp_path, tiny_sd_dir, m
     shutil.copytree(tiny_sd_dir, os.path.join(run_dir, 'export'))
 
   sampler_call = sampling.Sampler.__call__
-  score = evaluation.Scorer.score
+  score = scorer_lib.Scorer.score
 
   def counting_sampler(self, *args, **kwargs):
     calls['sample'] += 1
@@ -299,14 +434,14 @@ def test_driver_resumes_without_duplicates_or_recompute(tmp_path, tiny_sd_dir, m
     return score(self, *args, **kwargs)
 
   monkeypatch.setattr(sampling.Sampler, '__call__', counting_sampler)
-  monkeypatch.setattr(evaluation.Scorer, 'score', counting_score)
+  monkeypatch.setattr(scorer_lib.Scorer, 'score', counting_score)
   config = _driver_config()
 
   # Killed while generating the 3rd unit (synthetic1, prompt 0).
   with pytest.raises(_Killed):
     evaluation.run(config, workdir, train_fn=train_fn)
   assert calls['sample'] == 3 and calls['score'] == 2 and len(calls['train']) == 2
-  with open(os.path.join(workdir, evaluation.LEDGER)) as f:
+  with open(os.path.join(workdir, ledger_lib.LEDGER)) as f:
     first = f.read()
   # A subject's real-image row follows its methods' units.
   assert [json.loads(l)['kind'] for l in first.splitlines()] == ['prompt', 'prompt', 'real']
@@ -315,13 +450,13 @@ def test_driver_resumes_without_duplicates_or_recompute(tmp_path, tiny_sd_dir, m
   results = evaluation.run(config, workdir, train_fn=train_fn)
   assert calls['sample'] == 2 and calls['score'] == 2  # only the 2 missing units
   assert len(calls['train']) == 2                        # the killed run's export is reused
-  with open(os.path.join(workdir, evaluation.LEDGER)) as f:
+  with open(os.path.join(workdir, ledger_lib.LEDGER)) as f:
     second = f.read()
   assert second.startswith(first)
-  keys = [evaluation.record_key(json.loads(l)) for l in second.splitlines()]
+  keys = [ledger_lib.record_key(json.loads(l)) for l in second.splitlines()]
   assert len(keys) == len(set(keys)) == 6
   fps = {s: json.load(open(os.path.join(workdir, 'runs', 'tiny', s,
-                                         evaluation.TRAIN_FINGERPRINT)))['fingerprint']
+                                         ledger_lib.TRAIN_FINGERPRINT)))['fingerprint']
          for s in ('synthetic0', 'synthetic1')}
   assert sorted(k for k in keys if k[0] == 'prompt') == [
       ('prompt', s, 'tiny', i, fps[s]) for s in ('synthetic0', 'synthetic1') for i in (0, 1)]
@@ -340,9 +475,9 @@ def test_driver_resumes_without_duplicates_or_recompute(tmp_path, tiny_sd_dir, m
     assert row['tiny']['dino'] == pytest.approx(np.mean([r['dino'] for r in recs]))
     photos = Subject.from_folder(os.path.join(workdir, 'subjects', s), 'toy').images
     refs = scorer.references(photos)
-    assert row[evaluation.REAL]['dino'] == pytest.approx(_np_self_excluded(refs.dino), abs=1e-5)
-    assert row[evaluation.REAL]['clip_i'] == pytest.approx(_np_self_excluded(refs.clip), abs=1e-5)
-    assert row[evaluation.REAL]['num_images'] == len(photos) == 5
+    assert row[report.REAL]['dino'] == pytest.approx(_np_self_excluded(refs.dino), abs=1e-5)
+    assert row[report.REAL]['clip_i'] == pytest.approx(_np_self_excluded(refs.clip), abs=1e-5)
+    assert row[report.REAL]['num_images'] == len(photos) == 5
     assert os.path.isfile(os.path.join(workdir, 'grids', 'tiny', f'{s}.png'))
   with open(os.path.join(workdir, 'results.json')) as f:
     assert json.load(f)['overall'] == results['overall']
@@ -373,41 +508,41 @@ def test_driver_trains_tiny_end_to_end(tmp_path):
   assert (run_dir / 'export' / 'model_index.json').is_file()
   assert not (run_dir / 'checkpoints').exists()  # keep_checkpoints=False
   assert results['overall']['tiny']['num_subjects'] == 1
-  assert all(np.isfinite(results['overall']['tiny'][k]) for k in evaluation.METRICS)
+  assert all(np.isfinite(results['overall']['tiny'][k]) for k in scorer_lib.METRICS)
 
 
 def test_eval_protocol_presets():
-  authors = evaluation.load_config_file('configs/eval_dreambench.py')  # the default
-  assert authors.to_dict() == evaluation.load_config_file(
+  authors = plan.load_config_file('configs/eval_dreambench.py')  # the default
+  assert authors.to_dict() == plan.load_config_file(
       'configs/eval_dreambench.py:dpg').to_dict()
   s = authors.sample
   assert (s.scheduler, s.num_inference_steps, s.guidance_scale) == ('pndm', 200, 7.5)
   assert authors.images_per_prompt == 8 and authors.seed == 23
-  assert evaluation.eval_settings(authors)['seed'] == 23
-  db = evaluation.load_config_file('configs/eval_dreambench.py:dreambooth')
+  assert ledger_lib.eval_settings(authors)['seed'] == 23
+  db = plan.load_config_file('configs/eval_dreambench.py:dreambooth')
   assert db.images_per_prompt == 4 and db.seed == 0
   assert (db.sample.scheduler, db.sample.num_inference_steps) == ('pndm', 50)
   with pytest.raises(ValueError, match='eval_dreambench.py:imagen: unknown protocol'):
-    evaluation.load_config_file('configs/eval_dreambench.py:imagen')
+    plan.load_config_file('configs/eval_dreambench.py:imagen')
 
 
 def test_training_fingerprint_ignores_only_result_neutral_keys(tmp_path):
   spec = _subject_spec(tmp_path)
   config = _driver_config()
-  cfg = evaluation.training_config(config, 'tiny', spec, str(tmp_path))
-  fp, fields = evaluation.training_fingerprint(cfg, str(tmp_path))
+  cfg = plan.training_config(config, 'tiny', spec, str(tmp_path))
+  fp, fields = plan.training_fingerprint(cfg, str(tmp_path))
   assert fields['learning_rate'] == cfg.learning_rate and 'log_every' not in fields
   assert fields['data.instance_dir'] == '$WORKDIR/photos'   # workdir-relative
   assert not any(k.startswith(('mesh.', 'sample.prompts')) for k in fields)
   assert fields['sample.scheduler'] == cfg.sample.scheduler  # class images use it
 
   def fingerprint(**changes):
-    c = evaluation.training_config(config, 'tiny', spec, str(tmp_path))
+    c = plan.training_config(config, 'tiny', spec, str(tmp_path))
     for key, value in changes.items():
       node, *path = key.split('.')
       target = c[node] if path else c
       target[path[0] if path else node] = value
-    return evaluation.training_fingerprint(c, str(tmp_path))[0]
+    return plan.training_fingerprint(c, str(tmp_path))[0]
 
   assert fingerprint() == fp
   for neutral in [{'log_every': 3}, {'checkpoint_every': 7}, {'sample.num_inference_steps': 9},
@@ -417,14 +552,14 @@ def test_training_fingerprint_ignores_only_result_neutral_keys(tmp_path):
                    {'sample.scheduler': 'pndm'}, {'data.class_noun': 'dog'}]:
     assert fingerprint(**relevant) != fp, relevant
   # The same evaluation moved elsewhere: the same fingerprint.
-  moved = evaluation.SubjectSpec(spec.subject, {'instance_dir': str(tmp_path / 'b' / 'photos')})
-  c = evaluation.training_config(config, 'tiny', moved, str(tmp_path / 'b'))
-  assert evaluation.training_fingerprint(c, str(tmp_path / 'b'))[0] == fp
+  moved = plan.SubjectSpec(spec.subject, {'instance_dir': str(tmp_path / 'b' / 'photos')})
+  c = plan.training_config(config, 'tiny', moved, str(tmp_path / 'b'))
+  assert plan.training_fingerprint(c, str(tmp_path / 'b'))[0] == fp
 
 
 def test_failed_start_locks_nothing_and_changed_training_retrains(tmp_path, tiny_sd_dir,
                                                                   monkeypatch, scorer, caplog):
-  monkeypatch.setattr(evaluation, 'make_scorer', lambda config, workdir: scorer)
+  monkeypatch.setattr(scorer_lib, 'make_scorer', lambda config, workdir: scorer)
   workdir = str(tmp_path / 'eval')
   run_dir = os.path.join(workdir, 'runs', 'tiny', 'synthetic0')
   calls = {'train': [], 'fail': True}
@@ -447,9 +582,9 @@ def test_failed_start_locks_nothing_and_changed_training_retrains(tmp_path, tiny
   assert calls['train'] == [1e-4, 1e-4]
   with open(os.path.join(run_dir, 'partial.txt')) as f:
     assert f.read() == 'xx'
-  assert not os.path.exists(os.path.join(run_dir, evaluation.TRAIN_FINGERPRINT))
-  assert not os.path.exists(os.path.join(workdir, evaluation.SETTINGS))
-  assert not os.path.exists(os.path.join(workdir, evaluation.LEDGER))
+  assert not os.path.exists(os.path.join(run_dir, ledger_lib.TRAIN_FINGERPRINT))
+  assert not os.path.exists(os.path.join(workdir, ledger_lib.SETTINGS))
+  assert not os.path.exists(os.path.join(workdir, ledger_lib.LEDGER))
 
   # Other sampling and training settings after the failed start: accepted,
   # and the partial run of the old training settings is not resumed.
@@ -461,11 +596,11 @@ def test_failed_start_locks_nothing_and_changed_training_retrains(tmp_path, tiny
   assert calls['train'][2:] == [3e-4]
   assert not os.path.exists(os.path.join(run_dir, 'partial.txt'))
   assert 'learning_rate: 0.0001 -> 0.0003' in caplog.text
-  with open(os.path.join(run_dir, evaluation.TRAIN_FINGERPRINT)) as f:
+  with open(os.path.join(run_dir, ledger_lib.TRAIN_FINGERPRINT)) as f:
     done = json.load(f)
   assert done['config']['learning_rate'] == 3e-4
   assert [r['train_fingerprint'] for r in first['per_prompt']] == [done['fingerprint']]
-  assert not os.path.exists(os.path.join(run_dir, evaluation.TRAIN_ATTEMPT))
+  assert not os.path.exists(os.path.join(run_dir, ledger_lib.TRAIN_ATTEMPT))
 
   # A result-neutral change reuses the run and its units.
   config.train.checkpoint_every = 7
@@ -478,7 +613,7 @@ def test_failed_start_locks_nothing_and_changed_training_retrains(tmp_path, tiny
   assert calls['train'][3:] == [2e-4]
   new_fp = second['per_prompt'][0]['train_fingerprint']
   assert len(second['per_prompt']) == 1 and new_fp != done['fingerprint']
-  ledger = evaluation.Ledger(os.path.join(workdir, evaluation.LEDGER))
+  ledger = ledger_lib.Ledger(os.path.join(workdir, ledger_lib.LEDGER))
   prompt_fps = [r['train_fingerprint'] for r in ledger.values() if r['kind'] == 'prompt']
   assert prompt_fps == [done['fingerprint'], new_fp]   # the old unit stays, unreported
   # Each unit keeps its own images (same tiny SD here, so equal pixels, other files).

@@ -75,6 +75,7 @@ def test_subject_configs_may_differ_only_in_data():
 
 
 from dpg_jax import evaluation  # pylint: disable=g-import-not-at-top,g-bad-import-order
+from dpg_jax.evaluation import scorer as scorer_lib  # pylint: disable=g-import-not-at-top,g-bad-import-order
 from tests.test_evaluation import _driver_config, scorer  # pylint: disable=unused-import
 
 
@@ -84,7 +85,7 @@ def test_evaluation_trains_a_methods_subjects_as_one_job(tmp_path, tiny_sd_dir, 
   """subjects_at_once=0: the evaluation hands all of a method's subjects to one
   multi-subject job, then samples and scores each run as usual; a rerun reuses them."""
   import shutil  # pylint: disable=g-import-not-at-top
-  monkeypatch.setattr(evaluation, 'make_scorer', lambda config, workdir: scorer)
+  monkeypatch.setattr(scorer_lib, 'make_scorer', lambda config, workdir: scorer)
   calls = []
 
   def train_many_fn(cfgs, run_dirs):

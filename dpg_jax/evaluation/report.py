@@ -1,0 +1,147 @@
+"""The report: ledger records -> the paper's Table 1 (methods x DINO, CLIP-I, CLIP-T).
+
+A subject's score pools its prompts (every prompt has the same number of
+images, so this is also the mean of the per-prompt scores); live / object /
+overall rows are means over subjects. Outputs, in the evaluation workdir:
+
+  results.json, results.md          per prompt / subject / group / overall
+  grids/<method>/<subject>.png      rows = prompts, columns = seeds
+"""
+import json
+import math
+import os
+from typing import Sequence
+
+import numpy as np
+from PIL import Image
+
+from dpg_jax import fileio
+from dpg_jax.evaluation.scorer import METRICS
+
+METRIC_NAMES = {'dino': 'DINO', 'clip_i': 'CLIP-I', 'clip_t': 'CLIP-T'}
+REAL = 'Real images'
+GROUPS = ('live', 'object')
+
+
+def _mean(values) -> float | None:
+  values = [v for v in values if v is not None and not math.isnan(v)]
+  return float(np.mean(values)) if values else None
+
+
+def summarize(records: Sequence[dict], methods: Sequence[str] | None = None) -> dict:
+  """Per-prompt, per-subject, live/object and overall results from ledger records.
+
+  Prompt records: kind='prompt', subject, method, prompt_index, live, dino,
+  clip_i, clip_t, num_images. Real records: kind='real', subject, live, dino,
+  clip_i, num_images.
+  """
+  prompts = sorted((r for r in records if r['kind'] == 'prompt'),
+                   key=lambda r: (r['subject'], r['method'], r['prompt_index']))
+  reals = {r['subject']: r for r in records if r['kind'] == 'real'}
+  if methods is None:
+    methods = list(dict.fromkeys(r['method'] for r in prompts))
+  live = {r['subject']: bool(r['live']) for r in list(prompts) + list(reals.values())}
+  subjects = sorted(live)
+
+  per_subject = {}
+  for s in subjects:
+    rows = {}
+    for m in methods:
+      recs = [r for r in prompts if r['subject'] == s and r['method'] == m]
+      if not recs:
+        continue
+      n = np.asarray([r['num_images'] for r in recs], np.float64)
+      rows[m] = {k: float(np.sum(n * [r[k] for r in recs]) / np.sum(n)) for k in METRICS}
+      rows[m].update(num_prompts=len(recs), num_images=int(n.sum()))
+    if s in reals:
+      rows[REAL] = {'dino': reals[s]['dino'], 'clip_i': reals[s]['clip_i'], 'clip_t': None,
+                    'num_images': reals[s]['num_images']}
+    per_subject[s] = rows
+
+  def over(names):
+    rows = {}
+    for m in list(methods) + [REAL]:
+      have = [per_subject[s][m] for s in names if m in per_subject[s]]
+      if have:
+        rows[m] = {k: _mean(r[k] for r in have) for k in METRICS}
+        rows[m]['num_subjects'] = len(have)
+    return rows
+
+  groups = {g: over([s for s in subjects if live[s] == (g == 'live')]) for g in GROUPS}
+  return {
+      'methods': list(methods),
+      'subjects': subjects,
+      'live_subjects': [s for s in subjects if live[s]],
+      'overall': over(subjects),
+      'groups': groups,
+      'per_subject': per_subject,
+      'per_prompt': [{k: v for k, v in r.items() if k != 'kind'} for r in prompts],
+  }
+
+
+def _fmt(value) -> str:
+  return 'N/A' if value is None or (isinstance(value, float) and math.isnan(value)) \
+      else f'{value:.3f}'
+
+
+def format_table(rows: dict, order: Sequence[str] | None = None) -> str:
+  """Markdown table in the layout of the paper's Table 1 (methods x metrics)."""
+  order = [m for m in (order or rows) if m in rows]
+  lines = ['| Method | ' + ' | '.join(METRIC_NAMES[k] for k in METRICS) + ' |',
+           '|---' * (len(METRICS) + 1) + '|']
+  for m in order:
+    lines.append(f'| {m} | ' + ' | '.join(_fmt(rows[m].get(k)) for k in METRICS) + ' |')
+  return '\n'.join(lines) + '\n'
+
+
+def results_markdown(results: dict) -> str:
+  """The report: overall / live / object tables, then one table per subject."""
+  order = list(results['methods']) + [REAL]
+  n_sub = len(results['subjects'])
+  n_live = len(results['live_subjects'])
+  out = ['# DreamBench evaluation', '']
+  info = results.get('settings', {})
+  if info:
+    out += [f"{n_sub} subjects ({n_live} live, {n_sub - n_live} objects), "
+            f"{info.get('images_per_prompt')} images per prompt, seeds from "
+            f"{info.get('seed')}; DINO: {info.get('dino_model')}, CLIP: "
+            f"{info.get('clip_model')}. Raw cosine similarities.", '']
+  if results.get('missing_subjects'):
+    out += ['Missing subjects (not evaluated): '
+            + ', '.join(results['missing_subjects']) + '.', '']
+  incomplete = results.get('incomplete_units', 0)
+  if incomplete:
+    out += [f'**Incomplete**: {incomplete} (subject, method, prompt) units not finished.', '']
+  sections = [('Overall (mean over subjects)', results['overall']),
+              ('Live subjects', results['groups']['live']),
+              ('Objects', results['groups']['object'])]
+  for title, rows in sections:
+    if rows:
+      out += [f'## {title}', '', format_table(rows, order)]
+  out += ['## Per subject', '']
+  for s in results['subjects']:
+    kind = 'live' if s in results['live_subjects'] else 'object'
+    out += [f'### {s} ({kind})', '', format_table(results['per_subject'][s], order)]
+  return '\n'.join(out)
+
+
+def write_results(workdir: str, results: dict) -> None:
+  """<workdir>/results.json and results.md, each written atomically."""
+  fileio.atomic_write_text(os.path.join(workdir, 'results.json'),
+                           json.dumps(results, indent=1, sort_keys=True))
+  fileio.atomic_write_text(os.path.join(workdir, 'results.md'), results_markdown(results))
+
+
+def write_grid(workdir: str, records: Sequence[dict], path: str) -> str | None:
+  """Grid of one (subject, method): a row per prompt, a column per seed."""
+  records = sorted(records, key=lambda r: r['prompt_index'])
+  if not records:
+    return None
+  from dpg_jax import sampling  # pylint: disable=g-import-not-at-top
+  ncols = max(len(r['files']) for r in records)
+  rows = []
+  for r in records:
+    imgs = [np.asarray(Image.open(os.path.join(workdir, f)).convert('RGB')) for f in r['files']]
+    imgs += [np.zeros_like(imgs[0])] * (ncols - len(imgs))
+    rows.extend(imgs)
+  return sampling.save_grid(np.stack(rows), path, ncols=ncols)
