@@ -39,7 +39,7 @@ DEFAULT_INSTANCE_PROMPT = 'a photo of {identifier} {class_noun}'
 DEFAULT_CLASS_PROMPT = 'a photo of {class_noun}'
 
 _SYNTHETIC_MANIFEST = 'synthetic_subject.json'
-_SYNTHETIC_VERSION = 2
+_SYNTHETIC_VERSION = 3  # 3: the toy world's larger objects, calmer backgrounds
 # Mixed into every sampling seed so batch order is decorrelated from other
 # users of `config.seed` (noise, dropout, ...).
 _SAMPLE_SALT = 0x5EED_DA7A

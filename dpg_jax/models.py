@@ -399,12 +399,23 @@ def _load_params(pretrained, path, fmt, shapes, library):
   return jax.tree.map(jnp.asarray, tree)
 
 
+def _toyworld_base() -> str:
+  from dpg_jax.toyworld import weights  # pylint: disable=g-import-not-at-top
+  return weights.BASE_DIR
+
+
+# Models shipped inside the package, by name (a local directory of the same
+# name wins; hub ids always contain a '/', so they never collide).
+NAMED_MODELS = {'toyworld': _toyworld_base}
+
+
 def load_stable_diffusion(pretrained, *, revision='', weights_format='auto', dtype='float32',
                           remat=False, attention='standard', remat_policy='nothing_saveable'):
   """Loads an SD1.x/2.x pipeline as (StableDiffusion, params).
 
   Args:
-    pretrained: a local diffusers-layout directory or a hub id.
+    pretrained: a local diffusers-layout directory, a hub id, or the name of a
+      model shipped in the package ('toyworld': the pretrained toy-world SD).
     revision: hub branch/tag/commit ('' = default branch).
     weights_format: 'auto' (per component: flax msgpack > safetensors >
       pytorch .bin), 'flax', 'safetensors' or 'pytorch'.
@@ -439,6 +450,11 @@ def load_stable_diffusion(pretrained, *, revision='', weights_format='auto', dty
 
   if os.path.isdir(pretrained):
     root = os.path.abspath(pretrained)
+  elif pretrained in NAMED_MODELS:
+    root = NAMED_MODELS[pretrained]()
+    if not os.path.isdir(root):
+      raise _fail(pretrained, f'the shipped model is missing at {root}; rebuild it with '
+                  'python -m dpg_jax.toyworld.pretrain (see the README).')
   elif (os.path.exists(pretrained) or os.path.isabs(pretrained)
         or pretrained.startswith(('.', '~')) or not _HUB_ID.fullmatch(pretrained)):
     raise _fail(pretrained, f'{pretrained} does not exist or is not a directory, and is not '

@@ -123,7 +123,7 @@ def test_shipped_weights_match_their_record_and_load():
   assert set(rec['stages']) == {'vae', 'unet', 'judge'}
   size = sum(os.path.getsize(os.path.join(weights.WEIGHTS_DIR, f)) for f in rec['files'])
   assert size <= 30e6, size
-  sd, params = models.load_stable_diffusion(weights.BASE_DIR)
+  sd, params = models.load_stable_diffusion('toyworld')   # the loader's name for BASE_DIR
   assert sd.unet.config.block_out_channels == model_lib.UNET['block_out_channels']
   assert sd.scaling_factor == pytest.approx(rec['stages']['vae']['scaling_factor'])
   assert set(params) == {'unet', 'vae', 'text_encoder'}
@@ -133,6 +133,16 @@ def test_shipped_weights_match_their_record_and_load():
   acc = judge_lib.accuracy(judge_lib.probabilities(jp, imgs),
                            {h: world.label_arrays(scenes)[h] for h in ('cls', 'colour')})
   assert acc['cls'] > 0.8 and acc['colour'] > 0.8, acc
+
+
+def test_the_named_model_is_the_shipped_base_or_says_how_to_rebuild(monkeypatch, tmp_path):
+  missing = str(tmp_path / 'nothing')
+  monkeypatch.setitem(models.NAMED_MODELS, 'toyworld', lambda: missing)
+  with pytest.raises(FileNotFoundError, match=f"model.pretrained='toyworld': .*{missing}.*"
+                     'dpg_jax.toyworld.pretrain'):
+    models.load_stable_diffusion('toyworld')
+  monkeypatch.undo()
+  assert models.NAMED_MODELS['toyworld']() == weights.BASE_DIR
 
 
 @_SHIPPED

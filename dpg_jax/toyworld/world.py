@@ -86,7 +86,7 @@ def sample_scene(rng: np.random.Generator, *, neighbour_prob: float = 0.25,
   neighbour = None
   if rng.uniform() < neighbour_prob:
     neighbour = (CLASSES[rng.integers(len(CLASSES))], COLOURS[rng.integers(len(COLOURS))])
-  scale = rng.uniform(0.42, 0.6) if neighbour is None else rng.uniform(0.36, 0.46)
+  scale = rng.uniform(0.5, 0.7) if neighbour is None else rng.uniform(0.4, 0.5)
   margin = 0.95 - scale
   x, y = rng.uniform(-margin, margin, 2) * (0.6 if neighbour is not None else 1.0)
   return Scene(cls=cls, colour=colour, secondary=secondary, pattern=pattern, mark=mark,
@@ -152,15 +152,15 @@ def _background(context, rng, xx, yy):
   n = xx.shape[0]
   noise = _smooth(rng, n, 6)[..., None]
   if context == 'grass':
-    blades = 0.5 + 0.5 * np.sin(xx * rng.uniform(30, 45) + 3 * noise[..., 0])
+    blades = 0.5 + 0.5 * np.sin(xx * rng.uniform(12, 16) + 3 * noise[..., 0])
     base = np.array((0.22, 0.55, 0.18)) * (0.75 + 0.35 * noise)
     out = base * (0.85 + 0.2 * blades[..., None])
   elif context == 'snow':
     out = np.array((0.88, 0.91, 0.96)) * (0.9 + 0.12 * noise)
-    flakes = _smooth(rng, n, 24) > 0.83
+    flakes = _smooth(rng, n, 10) > 0.86
     out = np.where(flakes[..., None], 1.0, out)
   elif context == 'water':
-    waves = 0.5 + 0.5 * np.sin(yy * rng.uniform(14, 20) + 2.5 * np.sin(xx * 5 + 6 * noise[..., 0]))
+    waves = 0.5 + 0.5 * np.sin(yy * rng.uniform(8, 11) + 2.5 * np.sin(xx * 5 + 6 * noise[..., 0]))
     out = np.array((0.10, 0.36, 0.62)) * (0.8 + 0.35 * waves[..., None])
   elif context == 'brick':
     rows = np.floor((yy + 1) * 5)
@@ -171,7 +171,7 @@ def _background(context, rng, xx, yy):
     out = np.where(mortar[..., None], np.array((0.78, 0.76, 0.70)), out)
   elif context == 'night':
     out = np.array((0.04, 0.05, 0.18)) * (0.8 + 0.5 * (1 - (yy[..., None] + 1) / 2))
-    stars = _smooth(rng, n, 30) > 0.86
+    stars = _smooth(rng, n, 12) > 0.88
     out = np.where(stars[..., None], np.array((0.95, 0.95, 0.8)), out)
   elif context == 'beach':
     horizon = rng.uniform(-0.6, -0.3)
