@@ -16,7 +16,6 @@ holds the same host batch (drawn from the same seed) and places only the rows
 its devices own (`put_batch`); arrays a process cannot address are gathered
 with `gather_to_host` before anything is written from process 0.
 """
-import functools
 import os
 import re
 from typing import Any, Callable, Sequence
@@ -184,11 +183,27 @@ def batch_split_activations(fn: Callable, mesh: Mesh) -> Callable:
     args, kwargs = jax.tree.map(constrain, (args, kwargs))
     return jax.tree.map(constrain, next_fun(*args, **kwargs))
 
-  @functools.wraps(fn)
   def wrapped(*args, **kwargs):
     with nn.intercept_methods(interceptor):
       return fn(*args, **kwargs)
+  # jit names the program after it (jit_train_step): logs and XLA dumps keep the name.
+  wrapped.__name__ = getattr(fn, '__name__', getattr(getattr(fn, 'func', None), '__name__',
+                                                     'wrapped'))
   return wrapped
+
+
+def compiler_options(mesh: Mesh) -> dict | None:
+  """XLA options for a step on `mesh`: XLA:CPU with an fsdp axis gets the
+  memory-minimising scheduler.
+
+  XLA:CPU's concurrency-optimised scheduler starts every weight all-gather at
+  the top of the step (they depend on the parameters only), so every gathered
+  weight is alive at once: at SD1.4 shapes (256 px, 4 devices) 6.79 GiB of
+  temporaries per device instead of 4.13. Other backends and meshes: None.
+  """
+  if mesh.shape.get(FSDP, 1) > 1 and mesh.devices.flat[0].platform == 'cpu':
+    return {'xla_cpu_enable_concurrency_optimized_scheduler': False}
+  return None
 
 
 # --------------------------------------------------------------------------- #

@@ -233,7 +233,7 @@ def compile_train_step(spec: StepSpec, mesh, state_shardings, frozen_shardings=N
       step,
       in_shardings=(state_shardings, batch_sh, repl, frozen_shardings),
       out_shardings=(state_shardings, repl),
-      donate_argnums=(0,))
+      donate_argnums=(0,), compiler_options=sharding.compiler_options(mesh))
 
 
 def abstract_state(spec: StepSpec, trainable, rng, mesh, param_sharding='replicate'):
