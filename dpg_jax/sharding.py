@@ -6,7 +6,8 @@ The mesh has three named axes, sizes from `config.mesh` (one may be -1: fill):
 - 'data':    batch rows are split over it; parameters are replicated along it;
 - 'fsdp':    batch rows are split over it too, and the large parameters and
   their optimiser slots are split along it (ZeRO-3 style: XLA inserts the
-  all-gathers, per-device parameter + optimiser memory drops by its size).
+  all-gathers, per-device parameter + optimiser memory drops by its size;
+  `batch_split_activations` keeps the activations split by batch rows).
 
 Sharding is declared in one place: `PARAM_RULES` maps regexes over the
 '/'-joined path of every leaf of the train state (params, optimiser slots,
