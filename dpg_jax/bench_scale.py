@@ -227,12 +227,13 @@ def main(argv):
       print(f'SD1.4 shapes, {r["resolution"]} px, batch {r["batch_size"]}+{r["batch_size"]}, '
             f'text encoder trained, fp32 AdamW, {n} devices; compile-only peak RSS '
             f'{_gib(r["peak_rss_bytes"])}')
-      print('layout    | state/device | arguments | temporaries | aliased | XLA peak/device')
+      print('layout    | state/device | arguments | temporaries | aliased | XLA peak/device | '
+            'compile s')
       for layout in ('replicate', 'fsdp'):
         x = r[layout]
         print(f'{layout:9s} | {_gib(x["state_bytes_per_device"])} | {_gib(x["argument_bytes"])} | '
               f'{_gib(x["temp_bytes"])} | {_gib(x["alias_bytes"])} | '
-              f'{_gib(x["peak_estimate_bytes"])}')
+              f'{_gib(x["peak_estimate_bytes"])} | {x["compile_s"]}')
   else:
     ks = [int(x) for x in _SUBJECTS.value.split(',')]
     n = max(ks)

@@ -22,6 +22,7 @@ import jax
 
 from dpg_jax import adapters
 from dpg_jax import checkpoint as ckpt_lib
+from dpg_jax import fileio
 from dpg_jax import models
 from dpg_jax import sampling
 from dpg_jax import sharding
@@ -127,7 +128,10 @@ def _slug(text: str) -> str:
 def sample_and_save(config, workdir: str) -> str:
   s = config.sample
   source = s.source or workdir
-  out_dir = s.output_dir or os.path.join(workdir, 'samples', 'generated')
+  if str(source).startswith('file://'):  # the model loaders open local files
+    source = str(fileio.path(source))
+  # Through the path layer: a gs:// or file:// output dir (or workdir) works as a local one.
+  out_dir = fileio.normalize(s.output_dir or fileio.join(workdir, 'samples', 'generated'))
   sd, params, info = load_trained(source, config)
   mesh = sharding.make_mesh(config.mesh.data)
   sampler = sampling.Sampler(sd, resolution=config.data.resolution, scheduler=s.scheduler,
@@ -140,7 +144,7 @@ def sample_and_save(config, workdir: str) -> str:
   images = sampler(params, all_prompts, seeds, s.negative_prompt)
   if jax.process_index() != 0:
     return out_dir
-  os.makedirs(out_dir, exist_ok=True)
+  fileio.makedirs(out_dir)
   manifest = []
   for i, (img, prompt, seed) in enumerate(zip(images, all_prompts, seeds)):
     pi = i // s.num_images_per_prompt
@@ -149,12 +153,11 @@ def sample_and_save(config, workdir: str) -> str:
     manifest.append({'prompt': prompt, 'seed': seed, 'file': name})
   for pi, prompt in enumerate(prompts):
     chunk = images[pi * s.num_images_per_prompt:(pi + 1) * s.num_images_per_prompt]
-    sampling.save_grid(chunk, os.path.join(out_dir, f'grid_{pi:03d}_{_slug(prompt)}.png'))
-  with open(os.path.join(out_dir, 'manifest.json'), 'w') as f:
-    json.dump({'source': source, 'weights': info['weights'], 'weights_path': info['path'],
-               'train_step': info['step'], 'scheduler': s.scheduler,
-               'steps': s.num_inference_steps,
-               'guidance_scale': s.guidance_scale, 'images': manifest}, f, indent=1)
+    sampling.save_grid(chunk, fileio.join(out_dir, f'grid_{pi:03d}_{_slug(prompt)}.png'))
+  fileio.atomic_write_text(fileio.join(out_dir, 'manifest.json'), json.dumps(
+      {'source': source, 'weights': info['weights'], 'weights_path': info['path'],
+       'train_step': info['step'], 'scheduler': s.scheduler, 'steps': s.num_inference_steps,
+       'guidance_scale': s.guidance_scale, 'images': manifest}, indent=1))
   logging.info('Wrote %d images of training step %s to %s', len(images),
                _step_text(info['step']), out_dir)
   return out_dir

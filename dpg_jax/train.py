@@ -228,11 +228,12 @@ def compile_train_step(spec: StepSpec, mesh, state_shardings, frozen_shardings=N
   """jit with explicit in/out shardings and the state donated."""
   batch_sh = sharding.batch_sharded(mesh)
   repl = sharding.replicated(mesh)
+  step = sharding.batch_split_activations(functools.partial(train_step, spec), mesh)
   return jax.jit(
-      functools.partial(train_step, spec),
+      step,
       in_shardings=(state_shardings, batch_sh, repl, frozen_shardings),
       out_shardings=(state_shardings, repl),
-      donate_argnums=(0,))
+      donate_argnums=(0,), compiler_options=sharding.compiler_options(mesh))
 
 
 def abstract_state(spec: StepSpec, trainable, rng, mesh, param_sharding='replicate'):

@@ -94,3 +94,21 @@ def test_sample_logs_and_records_the_step(tmp_path, tiny_sd, tiny_sd_dir, caplog
   assert manifest['weights'] == 'checkpoint' and manifest['train_step'] == 5
   assert manifest['weights_path'] == ckpt_dir
   assert [m['file'] for m in manifest['images']] == ['000_a_sks_toy_on_the_moon_0.png']
+
+
+def test_sample_writes_through_the_path_layer(tmp_path, tiny_sd, tiny_sd_dir):
+  """A file:// workdir (routed as a gs:// one is): the default output dir
+  <workdir>/samples/generated, its images and manifest go through dpg_jax/fileio."""
+  _, base = tiny_sd
+  config, local = _config(tiny_sd_dir), str(tmp_path / 'run')
+  _save_checkpoint(local, 4, _scaled_unet(base, 1.5))
+  out = sample.sample_and_save(config, f'file://{local}')
+  assert out == f'file://{local}/samples/generated'
+  folder = os.path.join(local, 'samples', 'generated')
+  with open(os.path.join(folder, 'manifest.json')) as f:
+    manifest = json.load(f)
+  assert manifest['train_step'] == 4 and manifest['source'] == local
+  names = [m['file'] for m in manifest['images']]
+  assert names == ['000_a_sks_toy_on_the_moon_0.png']
+  assert sorted(os.listdir(folder)) == sorted(names + ['grid_000_a_sks_toy_on_the_moon.png',
+                                                        'manifest.json'])
