@@ -1,8 +1,7 @@
 """The embedded default with DPG on (look-forward reward, robust critic).
 
-The shipped toy-world base and the toy subject of configs/tiny.py, with the
-robust critic preset (the authors' SGD critic diverged at large t on the
-random tiny model these configs started from):
+Random-init models make the authors' SGD critic diverge at large t, so the
+tiny run uses the robust critic preset:
 
   python -m dpg_jax.main --config=configs/tiny_dpg.py --workdir=/tmp/dpg_tiny_dpg
 """
