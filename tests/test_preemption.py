@@ -1,5 +1,4 @@
 """Stop requests: our signal handlers (one process) and the multi-host sync point."""
-import os
 import signal
 
 import jax
@@ -19,22 +18,25 @@ class _FakeCheckpointer:
     return step == self.sync_step
 
 
+# signal.raise_signal, not os.kill(os.getpid(), ...): it raises in this thread,
+# so the handler has run when it returns; os.kill may land on another thread
+# (pytest-xdist, XLA) and the handler run late (seen once in a loaded CI run).
 def test_sigint_sets_the_flag_then_a_second_one_interrupts():
   ck = _FakeCheckpointer()
   previous = signal.getsignal(signal.SIGINT)
   with preemption.StopRequests() as stop:
     assert not stop.should_stop(1, ck)
-    os.kill(os.getpid(), signal.SIGINT)          # Ctrl-C: no KeyboardInterrupt mid-step
+    signal.raise_signal(signal.SIGINT)   # Ctrl-C: no KeyboardInterrupt mid-step
     assert stop.should_stop(2, ck) and stop.name == 'SIGINT'
     with pytest.raises(KeyboardInterrupt):       # Ctrl-C again: interrupt at once
-      os.kill(os.getpid(), signal.SIGINT)
+      signal.raise_signal(signal.SIGINT)
   assert signal.getsignal(signal.SIGINT) is previous
   assert ck.asked == [1, 2]                      # asked every step (the sync point)
 
 
 def test_sigterm_flag_and_exit_code():
   with preemption.StopRequests() as stop:
-    os.kill(os.getpid(), signal.SIGTERM)
+    signal.raise_signal(signal.SIGTERM)
     assert stop.should_stop(7, _FakeCheckpointer())
   err = preemption.Preempted(stop.signum, 7, 'Stopped by SIGTERM at step 7')
   assert isinstance(err, SystemExit) and err.code == 143 and str(err).endswith('step 7')
