@@ -19,18 +19,23 @@ class _FakeCheckpointer:
 
 
 # signal.raise_signal, not os.kill(os.getpid(), ...): it raises in this thread,
-# so the handler has run when it returns; os.kill may land on another thread
-# (pytest-xdist, XLA) and the handler run late (seen once in a loaded CI run).
+# so the handler has run when it returns. The test installs Python's own
+# Ctrl-C handler first: what a second Ctrl-C does is "what it did before", and
+# an earlier test in the same worker can leave another SIGINT handler behind
+# (an unclosed asyncio runner's; seen twice in cold CI runs).
 def test_sigint_sets_the_flag_then_a_second_one_interrupts():
   ck = _FakeCheckpointer()
-  previous = signal.getsignal(signal.SIGINT)
-  with preemption.StopRequests() as stop:
-    assert not stop.should_stop(1, ck)
-    signal.raise_signal(signal.SIGINT)   # Ctrl-C: no KeyboardInterrupt mid-step
-    assert stop.should_stop(2, ck) and stop.name == 'SIGINT'
-    with pytest.raises(KeyboardInterrupt):       # Ctrl-C again: interrupt at once
-      signal.raise_signal(signal.SIGINT)
-  assert signal.getsignal(signal.SIGINT) is previous
+  outer = signal.signal(signal.SIGINT, signal.default_int_handler)
+  try:
+    with preemption.StopRequests() as stop:
+      assert not stop.should_stop(1, ck)
+      signal.raise_signal(signal.SIGINT)   # Ctrl-C: no KeyboardInterrupt mid-step
+      assert stop.should_stop(2, ck) and stop.name == 'SIGINT'
+      with pytest.raises(KeyboardInterrupt):   # Ctrl-C again: interrupt at once
+        signal.raise_signal(signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+  finally:
+    signal.signal(signal.SIGINT, outer)
   assert ck.asked == [1, 2]                      # asked every step (the sync point)
 
 
