@@ -22,7 +22,7 @@ class _FakeCheckpointer:
 # so the handler has run when it returns. The test installs Python's own
 # Ctrl-C handler first: what a second Ctrl-C does is "what it did before", and
 # an earlier test in the same worker can leave another SIGINT handler behind
-# (an unclosed asyncio runner's; seen twice in cold CI runs).
+# (likely an unclosed asyncio runner's; seen twice in cold CI runs).
 def test_sigint_sets_the_flag_then_a_second_one_interrupts():
   ck = _FakeCheckpointer()
   outer = signal.signal(signal.SIGINT, signal.default_int_handler)
