@@ -13,7 +13,8 @@ are skipped, a stage in progress resumes from its last checkpoint):
          latent scaling factor is set to 1 / std of the latents.
   unet   the UNet and text encoder on captioned scenes with the project's own
          train step (`train.train_step`, its optimiser and sharding), the
-         caption dropped 10% of the time for classifier-free guidance.
+         caption dropped 10% of the time for classifier-free guidance; the
+         exponential moving average of their weights is what the stage keeps.
   judge  the attribute classifier, on clean scenes and VAE reconstructions.
   ship   the pipeline (diffusers layout), the judge and record.json (seeds,
          steps, final losses, timings, sha256 of every file) into --out.
@@ -66,7 +67,7 @@ def get_config():
       # thousand steps it samples visibly cleaner than the last iterate.
       ema_decay=0.995,
       # > 0: end the stage at this step, the LR schedule still spanning `steps`
-      # (how the shipped UNet was cut to the time budget; record.json says so).
+      # (a cut to a time budget; record.json records steps and schedule_steps).
       stop_at=0))
   c.judge = ml_collections.ConfigDict(dict(
       steps=2000, batch_size=64, learning_rate=3e-3, warmup_steps=50, recon_scenes=3000,
