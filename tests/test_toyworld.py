@@ -200,3 +200,42 @@ def test_dreambooth_on_the_shipped_base_learns_the_toy_subject(tmp_path):
   after = judge_lib.attribute_score(judge_lib.probabilities(jp, sampler(tuned, prompts, seeds)),
                                     attrs)
   assert after > before + DREAMBOOTH_MARGIN, (before, after)
+
+
+# -- the pretraining loop ----------------------------------------------------------
+def _quadratic_fit(stage_dir, num_steps, state=None):
+  """pretrain.fit on a two-parameter least-squares problem (the loop, not a model)."""
+  import functools  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from dpg_jax.toyworld import pretrain  # pylint: disable=g-import-not-at-top
+  config = pretrain.get_config()
+  config.checkpoint_every, config.log_every = 5, 1
+  opt = pretrain.optimizer_lib.make_optimizer(pretrain.optimizer_config(
+      ml_collections.ConfigDict(dict(learning_rate=0.3, warmup_steps=1)), 20))
+
+  def loss(params, batch, rng):
+    del rng
+    return jnp.mean((batch['x'] @ params['w'] - batch['y']) ** 2), {}
+
+  def batch_fn(step):   # a pure function of the step, as every stage's is
+    r = np.random.default_rng(step)
+    x = r.normal(size=(8, 2)).astype(np.float32)
+    return {'x': x, 'y': x @ np.asarray([2.0, -1.0], np.float32)}
+
+  step = pretrain.jax.jit(functools.partial(pretrain._simple_step, loss, opt.tx))  # pylint: disable=protected-access
+  state = pretrain._new_state({'w': jnp.zeros(2)}, opt.tx)  # pylint: disable=protected-access
+  return pretrain.fit('judge', str(stage_dir), state, step, batch_fn, num_steps, config)
+
+
+def test_pretrain_fit_resumed_equals_uninterrupted_and_sums_its_seconds(tmp_path):
+  whole, whole_last, _ = _quadratic_fit(tmp_path / 'a', 20)
+  _, _, first_seconds = _quadratic_fit(tmp_path / 'b', 10)    # "killed" after its save at 10
+  resumed, resumed_last, seconds = _quadratic_fit(tmp_path / 'b', 20)
+  np.testing.assert_array_equal(np.asarray(resumed.params['w']), np.asarray(whole.params['w']))
+  assert int(resumed.step) == 20 and resumed_last == whole_last
+  assert whole_last['loss'] < 0.2   # it learns: the loss at w=0 is ~5
+  assert seconds > first_seconds > 0
+  rows = [json.loads(l) for l in open(tmp_path / 'b' / 'metrics.jsonl')]
+  assert [r['step'] for r in rows] == list(range(1, 21))
+  assert all(a['s'] <= b['s'] for a, b in zip(rows, rows[1:]))  # time keeps counting up

@@ -134,14 +134,20 @@ def _rng(config, stage, step, stream=0):
 # project's own train step into it)
 # --------------------------------------------------------------------------- #
 def fit(name, stage_dir, state, step_fn, batch_fn, num_steps, config, start_step=0):
-  """Runs step_fn from the last checkpoint in stage_dir to num_steps; (state, last metrics)."""
+  """Runs step_fn from the last checkpoint in stage_dir to num_steps.
+
+  Returns (state, last metrics, seconds): the training time summed over every
+  run that saved into stage_dir's checkpoints, resumed ones included.
+  """
   ckpt = ckpt_lib.Checkpointer(os.path.join(stage_dir, 'checkpoints'), max_to_keep=1)
   try:
-    step0, last = start_step, {}
+    step0, last, seconds0 = start_step, {}, 0.0
     if ckpt.all_steps():
       latest, restored, meta = ckpt.restore_latest(state)
-      if latest is not None and latest > start_step:
+      if latest is not None and latest >= start_step:
+        # (== start_step: the previous fit's last save, in the same folder.)
         step0, state, last = latest, restored, meta.get('metrics', {})
+        seconds0 = meta.get('seconds', 0.0)
     rng = jax.random.PRNGKey(config.seed + 7 * (STAGES.index(name.split('/')[0]) + 1))
     bar = tqdm.tqdm(total=num_steps, initial=step0, desc=name, dynamic_ncols=True)
     log = open(os.path.join(stage_dir, 'metrics.jsonl'), 'a')
@@ -154,17 +160,25 @@ def fit(name, stage_dir, state, step_fn, batch_fn, num_steps, config, start_step
         if not all(np.isfinite(v) for v in last.values()):
           raise ckpt_lib.NonFiniteError(f'{name} step {step}: non-finite metrics {last}.')
         bar.set_postfix(loss=f'{last["loss"]:.4f}')
-        log.write(json.dumps({'step': step, 's': round(time.perf_counter() - t0, 1), **last})
+        log.write(json.dumps({'step': step, 's': round(seconds0 + time.perf_counter() - t0, 1),
+                              **last})
                   + '\n')
         log.flush()
       if step % config.checkpoint_every == 0 or step == num_steps:
-        ckpt.save(step, state, {'step': step, 'metrics': last})
+        # Training seconds summed over resumed runs: the stage's time on record.
+        ckpt.save(step, state, {'step': step, 'metrics': last,
+                                'seconds': seconds0 + time.perf_counter() - t0})
     bar.close()
     log.close()
     ckpt.wait()
   finally:
     ckpt.close()
-  return state, last
+  return state, last, round(seconds0 + time.perf_counter() - t0, 1)
+
+
+def _seconds(train_seconds, t_after_fit):
+  """A stage's time on record: its training (summed over resumed runs) + what followed."""
+  return round(train_seconds + time.perf_counter() - t_after_fit, 1)
 
 
 def _simple_step(loss_fn, tx, state, batch, rng):
@@ -245,13 +259,13 @@ def stage_vae(workdir, config, images):
     x = np.where(flip[:, None, None, None], x[:, :, ::-1], x)
     return {'images': data_lib.to_float_images(x)}
 
-  t0 = time.perf_counter()
   state = _new_state(params['vae'], opt.tx)
-  state, _ = fit('vae/crops', stage_dir, state, step,
-                 functools.partial(batch_fn, cfg.crop, cfg.crop_batch), cfg.crop_steps, config)
-  state, last = fit('vae/full', stage_dir, state, step,
+  state, _, _ = fit('vae/crops', stage_dir, state, step,
+                    functools.partial(batch_fn, cfg.crop, cfg.crop_batch), cfg.crop_steps, config)
+  state, last, train_seconds = fit('vae/full', stage_dir, state, step,
                     functools.partial(batch_fn, images.shape[1], cfg.full_batch), total, config,
                     start_step=cfg.crop_steps)
+  t0 = time.perf_counter()
   vae_params = jax.device_get(state.params)
   # 1 / std of the latent means over training scenes: unit-variance diffusion inputs.
   enc = jax.jit(sd.encode_images)
@@ -267,7 +281,7 @@ def stage_vae(workdir, config, images):
   rec = reconstruct(sd, vae_params, held)
   record = {'steps': total, 'crop_steps': cfg.crop_steps, 'final': last,
             'scaling_factor': scaling, 'psnr_held_out_db': psnr(held, rec),
-            'eval_scenes': cfg.eval_scenes, 'seconds': round(time.perf_counter() - t0, 1)}
+            'eval_scenes': cfg.eval_scenes, 'seconds': _seconds(train_seconds, t0)}
   _write_done(workdir, 'vae', record)
   logging.info('VAE: %s', record)
   return record
@@ -353,17 +367,17 @@ def stage_unet(workdir, config, images, scenes):
     st, metrics = step_fn(st, sharding.put_batch(batch, mesh), rng, None)
     return (st, ema_fn(ema, st.params)), metrics
 
-  t0 = time.perf_counter()
   # (state, EMA) is checkpointed as one tree, so a resumed stage keeps its average.
-  (state, ema), last = fit('unet', stage_dir, (state, jax.tree.map(jnp.copy, state.params)),
-                           step_with_ema, batches, config.unet.stop_at or config.unet.steps,
-                           config)
+  (state, ema), last, train_seconds = fit(
+      'unet', stage_dir, (state, jax.tree.map(jnp.copy, state.params)), step_with_ema,
+      batches, config.unet.stop_at or config.unet.steps, config)
+  t0 = time.perf_counter()
   params.update(jax.device_get(ema))
   models.save_pipeline(os.path.join(stage_dir, 'pipeline'), sd, params)
   record = {'steps': config.unet.stop_at or config.unet.steps,
             'schedule_steps': config.unet.steps, 'batch_size': config.unet.batch_size,
             'final': {k: last[k] for k in ('loss', 'grad_norm') if k in last},
-            'seconds': round(time.perf_counter() - t0, 1)}
+            'seconds': _seconds(train_seconds, t0)}
   _write_done(workdir, 'unet', record)
   logging.info('UNet: %s', record)
   return record
@@ -410,9 +424,9 @@ def stage_judge(workdir, config, images, scenes):
     x = np.where(flip[:, None, None, None], x[:, :, ::-1], x)
     return {'images': data_lib.to_float_images(x), **{k: v[idx] for k, v in labels.items()}}
 
-  t0 = time.perf_counter()
   state = _new_state(judge_lib.init_params(jax.random.PRNGKey(config.seed)), opt.tx)
-  state, last = fit('judge', stage_dir, state, step, batch_fn, cfg.steps, config)
+  state, last, train_seconds = fit('judge', stage_dir, state, step, batch_fn, cfg.steps, config)
+  t0 = time.perf_counter()
   judge_params = jax.device_get(state.params)
   judge_lib.save(os.path.join(stage_dir, 'judge.msgpack'), judge_params)
   # Held out: fresh scenes of the HELD_OUT combinations (never in training),
@@ -440,7 +454,7 @@ def stage_judge(workdir, config, images, scenes):
   record = {'steps': cfg.steps, 'final': {k: last[k] for k in last if k != 'grad_norm'},
             'held_out_accuracy': acc,
             'chance': {h: 1 / len(world.LABELS[h]) for h in judge_lib.HEADS},
-            'eval_scenes': cfg.eval_scenes, 'seconds': round(time.perf_counter() - t0, 1)}
+            'eval_scenes': cfg.eval_scenes, 'seconds': _seconds(train_seconds, t0)}
   _write_done(workdir, 'judge', record)
   logging.info('Judge: %s', record)
   return record
