@@ -14,7 +14,8 @@ matching prompt words and the masked loss (dpg_jax/scale_augment.py). Export: th
   python -m dpg_jax.main --config=configs/custom_diffusion.py:tiny --workdir=/tmp/cd_tiny
 
 `:crossattn` also trains to_q and to_out (their recipe for faces); `:tiny` is
-the tiny random SD on a synthetic subject (offline, a few minutes on a CPU).
+the embedded default's set-up (configs/tiny.py: the shipped toy-world SD, the toy
+subject orange_star; offline, a few minutes on a CPU).
 """
 from configs import dreambooth
 from configs import tiny as tiny_config
@@ -38,7 +39,7 @@ def apply(c, tiny: bool = False):
   if tiny:
     # The toy tokenizer has no 'ktn': start from a word it has.
     c.finetune.initializer_token = 'toy'
-    c.learning_rate = 1e-3 * c.batch_size / 2   # random-init models need a big step
+    c.learning_rate = 1e-3 * c.batch_size / 2   # only k/v and one token row train: a big step
   else:
     c.finetune.initializer_token = 'ktn+pll+ucd'
     c.batch_size = 2

@@ -1,9 +1,10 @@
 """The evaluation driver end to end in a few minutes on 2 CPU cores (no network).
 
-Methods 'tiny' and 'tiny_dpg' (tiny random SD, 64 px, 30 steps), 2 subjects
-(dog and robot_toy from ../shared/data/dreambench if present, else 2 synthetic
-subjects), 2 prompts, 2 images per prompt, tiny random DINO / CLIP built in the
-workdir. The numbers mean nothing; the pipeline is the real one.
+Methods 'tiny' and 'tiny_dpg' (the shipped toy-world SD, 64 px, 30 steps), 2
+subjects (dog and robot_toy from ../shared/data/dreambench if present, else 2
+synthetic subjects), 2 prompts, 2 images per prompt, tiny random DINO / CLIP
+built in the workdir. The toy SD knows neither dogs nor DreamBench's photos and
+the encoders are random, so the numbers mean nothing; the pipeline is the real one.
 
   python -m dpg_jax.evaluate --config=configs/eval_tiny.py --workdir=/tmp/dpg_eval_tiny
 """

@@ -11,8 +11,8 @@ preservation on. Export: <workdir>/export/pytorch_lora_weights.safetensors
   python -m dpg_jax.main --config=configs/lora.py:tiny --workdir=/tmp/lora_tiny
 
 `--config.finetune.lora_text_encoder=True` adds adapters to the text encoder's
-q/k/v/out_proj; `--config.finetune.lora_rank=8` etc. `:tiny` is the tiny
-random SD on a synthetic subject, offline.
+q/k/v/out_proj; `--config.finetune.lora_rank=8` etc. `:tiny` is the embedded
+default's set-up (configs/tiny.py: the shipped toy-world SD, orange_star), offline.
 """
 from configs import dreambooth
 from configs import tiny as tiny_config

@@ -1,7 +1,7 @@
 """The embedded default with DPG on (look-forward reward, robust critic).
 
-Random-init models make the authors' SGD critic diverge at large t, so the
-tiny run uses the robust critic preset:
+On the toy-world base as on random-init models, the robust critic preset
+(the authors' SGD critic diverged at large t on the tiny random SD):
 
   python -m dpg_jax.main --config=configs/tiny_dpg.py --workdir=/tmp/dpg_tiny_dpg
 """

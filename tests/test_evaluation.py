@@ -374,10 +374,19 @@ def test_eval_configs_and_training_configs(tmp_path):
   tiny = plan.load_config_file('configs/eval_tiny.py')
   a, b = (plan.training_config(tiny, m, spec, str(tmp_path)) for m in ('tiny', 'tiny_dpg'))
   assert a.num_steps == b.num_steps == 30
-  shared = str(tmp_path / 'pretrained' / 'tiny_tiny_seed0')
-  assert a.model.pretrained == b.model.pretrained == shared
+  assert a.model.pretrained == b.model.pretrained == 'toyworld'   # the shipped toy base
   assert a.data.class_dir == b.data.class_dir != ''  # one set of class images
   assert b.dpg.enabled and not a.dpg.enabled
+  # A tiny random base (model.tiny) is built once for all runs, not per run directory.
+  random_tiny = tmp_path / 'random_tiny.py'
+  random_tiny.write_text('from configs import tiny\n'
+                         'def get_config():\n'
+                         '  c = tiny.get_config()\n'
+                         "  c.model.pretrained, c.model.tiny = '', 'tiny'\n"
+                         '  return c\n')
+  tiny.method_configs.random_tiny = str(random_tiny)
+  r = plan.training_config(tiny, 'random_tiny', spec, str(tmp_path))
+  assert r.model.pretrained == str(tmp_path / 'pretrained' / 'tiny_tiny_seed0')
   full = plan.load_config_file('configs/eval_dreambench.py')
   assert plan.training_config(full, 'dreambooth', spec, str(tmp_path)).num_steps == 1000
   full.train.unknown_key = 1

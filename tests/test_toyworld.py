@@ -17,9 +17,7 @@ from dpg_jax.toyworld import subjects
 from dpg_jax.toyworld import weights
 from dpg_jax.toyworld import world
 
-DREAMBOOTH_STEPS = 100
-DREAMBOOTH_LR = 2e-4
-DREAMBOOTH_MARGIN = 0.15
+DREAMBOOTH_MARGIN = 0.08
 
 
 # -- generator -----------------------------------------------------------------
@@ -111,8 +109,7 @@ def test_synthetic_subject_is_the_toy_subject(tmp_path):
 
 
 # -- shipped weights -------------------------------------------------------------
-# Run once dpg_jax/toyworld/shipped/ holds pretrained weights (README, "The toy
-# world": the pretraining has not yet produced a base model worth shipping).
+# Skipped only in a checkout without dpg_jax/toyworld/shipped/ (a rebuild in progress).
 _SHIPPED = pytest.mark.skipif(not os.path.isfile(weights.RECORD_PATH),
                               reason='no shipped toy-world weights (dpg_jax/toyworld/shipped/)')
 
@@ -151,10 +148,10 @@ def test_the_named_model_is_the_shipped_base_or_says_how_to_rebuild(monkeypatch,
   assert models.NAMED_MODELS['toyworld']() == weights.BASE_DIR
 
 
-def test_the_toyworld_config_passes_the_config_checks():
-  from configs import toyworld  # pylint: disable=g-import-not-at-top
+def test_the_embedded_default_is_the_toy_world_and_passes_the_config_checks():
+  from configs import tiny  # pylint: disable=g-import-not-at-top
   from dpg_jax import train  # pylint: disable=g-import-not-at-top
-  c = toyworld.get_config()
+  c = tiny.get_config()
   train.validate_config(c)
   assert c.model.pretrained in models.NAMED_MODELS and not c.model.tiny
 
@@ -173,16 +170,13 @@ def test_a_tampered_file_is_named(tmp_path):
 # -- the point of it all: DreamBooth on the shipped base learns the subject ------
 @_SHIPPED
 def test_dreambooth_on_the_shipped_base_learns_the_toy_subject(tmp_path):
-  """configs/toyworld.py (shipped base, orange_star), a short run: the judge's score
+  """configs/tiny.py (shipped base, orange_star), a short run: the judge's score
   of the subject's attributes on its prompts rises clearly above the base model's."""
-  from configs import toyworld  # pylint: disable=g-import-not-at-top
+  from configs import tiny  # pylint: disable=g-import-not-at-top
   from dpg_jax import train  # pylint: disable=g-import-not-at-top
   from dpg_jax.toyworld import checks  # pylint: disable=g-import-not-at-top
-  c = toyworld.get_config()
+  c = tiny.get_config()
   assert c.data.class_noun == subjects.get(subjects.DEFAULT).cls
-  c.num_steps = DREAMBOOTH_STEPS
-  c.learning_rate = DREAMBOOTH_LR
-  c.prior_preservation = False
   c.export = False
   c.sample.prompts = ()
   c.checkpoint_every = 0
@@ -191,15 +185,11 @@ def test_dreambooth_on_the_shipped_base_learns_the_toy_subject(tmp_path):
   sd, base = models.load_stable_diffusion(weights.BASE_DIR)
   tuned = {**base, **state.params}
   jp = judge_lib.load()
-  prompts = checks.subject_prompts(subjects.DEFAULT)
-  sampler = checks.sampler(sd, 4.0, steps=10, batch_size=len(prompts))
-  seeds = list(range(len(prompts)))
-  attrs = subjects.get(subjects.DEFAULT).attributes
-  before = judge_lib.attribute_score(judge_lib.probabilities(jp, sampler(base, prompts, seeds)),
-                                     attrs)
-  after = judge_lib.attribute_score(judge_lib.probabilities(jp, sampler(tuned, prompts, seeds)),
-                                    attrs)
-  assert after > before + DREAMBOOTH_MARGIN, (before, after)
+  before, _ = checks.subject_scores(sd, base, jp, subjects.DEFAULT, seeds_per_prompt=1)
+  after, _ = checks.subject_scores(sd, tuned, jp, subjects.DEFAULT, seeds_per_prompt=1)
+  assert after['attribute_score'] > before['attribute_score'] + DREAMBOOTH_MARGIN, (before, after)
+  # The prompts' contexts survive (chance 1/6; a drifting text encoder fell to 1/8).
+  assert after['context_accuracy'] > 0.3, (before, after)
 
 
 # -- the pretraining loop ----------------------------------------------------------

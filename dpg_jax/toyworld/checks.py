@@ -8,7 +8,8 @@ r"""What the shipped toy models can do, measured with the judge.
   against chance.
 * `subject_scores`: a subject's prompts through a model; the judge's mean
   probability of the subject's attributes (`judge.attribute_score`), the
-  fidelity figure a DreamBooth run should raise.
+  fidelity figure a DreamBooth run should raise, and how often the judge sees
+  the context a prompt names (what it should keep).
 Writes checks.json and preview grids (PNG) into --out.
 """
 import json
@@ -68,13 +69,30 @@ def subject_prompts(name, identifier='sks'):
   return [t.format(f'{identifier} {s.cls}') for t in subjects_lib.PROMPT_TEMPLATES]
 
 
+def prompt_contexts(prompts):
+  """[N] index into world.CONTEXTS of the context each prompt names, -1 for none."""
+  def one(prompt):
+    return next((i for i, c in enumerate(world.CONTEXTS)
+                 if world.CONTEXT_PHRASES[c] in prompt), -1)
+  return np.asarray([one(p) for p in prompts])
+
+
 def subject_scores(sd, params, judge_params, name, *, guidance=4.0, seeds_per_prompt=2,
                    steps=20, identifier='sks'):
-  """(attribute score, images): the judge's mean probability of the subject's attributes."""
+  """({'attribute_score', 'context_accuracy'}, images) on the subject's prompts.
+
+  attribute_score: the judge's mean probability of the subject's attributes
+  (fidelity); context_accuracy: how often the judge sees the context a prompt
+  names (text alignment; the prompts that name one).
+  """
   prompts = [p for p in subject_prompts(name, identifier) for _ in range(seeds_per_prompt)]
   imgs = sampler(sd, guidance, steps)(params, prompts, list(range(len(prompts))))
   probs = judge_lib.probabilities(judge_params, imgs)
-  return judge_lib.attribute_score(probs, subjects_lib.get(name).attributes), imgs
+  ctx = prompt_contexts(prompts)
+  named = ctx >= 0
+  return {'attribute_score': judge_lib.attribute_score(probs, subjects_lib.get(name).attributes),
+          'context_accuracy': float(np.mean(np.argmax(probs['context'], -1)[named]
+                                            == ctx[named]))}, imgs
 
 
 def main(argv):
@@ -89,18 +107,22 @@ def main(argv):
     sampling.save_grid(imgs[:48], os.path.join(f.out, f'heldout_g{g}.png'), ncols=6)
   result = {'heldout': result, 'heldout_prompts': prompts[:12]}
   base_score, base_imgs = subject_scores(sd, params, jp, f.subject)
-  result['subject'] = {'name': f.subject, 'base_score': base_score}
+  result['subject'] = {'name': f.subject, 'base': base_score}
   grid = [base_imgs]
   if f.finetuned:
     sd2, params2 = models.load_stable_diffusion(f.finetuned)
     score, imgs = subject_scores(sd2, params2, jp, f.subject)
-    result['subject']['finetuned_score'] = score
+    result['subject']['finetuned'] = score
     grid.append(imgs)
-  # One row per prompt: base images, then fine-tuned ones.
+  # Row 1: the subject's photos; then one row per model (base, fine-tuned), one
+  # column per prompt (its first seed): the README's before/after grid.
   n = len(subject_prompts(f.subject))
-  rows = np.concatenate([g.reshape((n, -1) + g.shape[1:]) for g in grid], axis=1)
-  sampling.save_grid(rows.reshape((-1,) + rows.shape[2:]),
-                     os.path.join(f.out, 'subject_before_after.png'), ncols=rows.shape[1])
+  photos = subjects_lib.photos(f.subject)
+  blank = np.full((n - len(photos),) + photos.shape[1:], 255, np.uint8)
+  rows = [photos, blank] + [g.reshape((n, -1) + g.shape[1:])[:, 0] for g in grid]
+  sampling.save_grid(np.concatenate(rows), os.path.join(f.out, 'subject_before_after.png'),
+                     ncols=n)
+  result['subject']['prompts'] = subject_prompts(f.subject)
   with open(os.path.join(f.out, 'checks.json'), 'w') as fh:
     json.dump(result, fh, indent=1)
   print(json.dumps(result, indent=1))
