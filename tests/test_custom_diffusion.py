@@ -313,7 +313,7 @@ def test_augmented_batches_carry_each_rows_prompt_and_captioned_priors(tiny_sd, 
     np.testing.assert_array_equal(b['class_ids'], sd.tokenize([captions[i] for i in cidx]))
     words = [scale_augment.PREFIXES[p] for p in latents.instance_prompt_id[b['instance_index']]]
     np.testing.assert_array_equal(
-        b['instance_ids'], sd.tokenize([w + 'a photo of <new1> toy' for w in words]))
+        b['instance_ids'], sd.tokenize([w + data_lib.resolve_prompts(c)[0] for w in words]))
   (tmp_path / 'caption.txt').write_text('one\n')
   with pytest.raises(ValueError, match='images.txt has 3 lines and caption.txt 1'):
     scale_augment.read_captioned_dir(str(tmp_path), 64, center_crop=True, seed=0)

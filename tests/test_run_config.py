@@ -9,9 +9,19 @@ from configs import tiny as tiny_config
 from dpg_jax import run_config
 
 
+def _pinned():
+  """The tiny config with the values these tests name pinned (not tiny.py's defaults)."""
+  c = tiny_config.get_config()
+  c.train_text_encoder = True
+  c.num_steps, c.log_every, c.checkpoint_every = 300, 10, 100
+  c.sample.prompts = ('a photo of {identifier} {class_noun}',
+                      'a {identifier} {class_noun} on the beach')
+  return c
+
+
 def test_structural_change_is_refused_listing_keys_and_values():
-  old = tiny_config.get_config()
-  new = tiny_config.get_config()
+  old = _pinned()
+  new = _pinned()
   new.train_text_encoder = False
   new.data.synthetic = False
   new.data.subject = 'cat'
@@ -29,8 +39,8 @@ def test_structural_change_is_refused_listing_keys_and_values():
 
 
 def test_safe_changes_are_allowed_in_one_warning(caplog):
-  old = tiny_config.get_config()
-  new = tiny_config.get_config()
+  old = _pinned()
+  new = _pinned()
   new.num_steps, new.log_every, new.checkpoint_every = 500, 0, 0
   new.sample.prompts = ('a {identifier} {class_noun} on the moon',)
   new.model.remat = True
@@ -45,9 +55,9 @@ def test_safe_changes_are_allowed_in_one_warning(caplog):
 
 
 def test_num_steps_change_notes_a_decaying_schedule():
-  old = tiny_config.get_config()
+  old = _pinned()
   old.lr_schedule = 'cosine'
-  new = tiny_config.get_config()
+  new = _pinned()
   new.lr_schedule = 'cosine'
   new.num_steps = 600
   (item,) = run_config.check_resume(run_config.config_dict(old), new, where='ck')

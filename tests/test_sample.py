@@ -38,6 +38,7 @@ def _save_checkpoint(workdir, step, unet):
 def _config(tiny_sd_dir):
   c = tiny_config.get_config()
   c.model.pretrained = tiny_sd_dir
+  c.data.class_noun = 'toy'
   c.sample.prompts = ('a {identifier} {class_noun} on the moon',)
   c.sample.num_images_per_prompt = 1
   c.sample.num_inference_steps = 1

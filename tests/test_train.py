@@ -24,7 +24,13 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _config(**overrides):
+  """The tiny config with these tests' settings pinned, whatever tiny.py's defaults
+  (the tests run it on the tiny random SD, `tiny_sd_dir`)."""
   c = tiny_config.get_config()
+  c.data.class_noun = 'toy'
+  c.data.instance_prompt = c.data.class_prompt = ''   # 'a photo of ...'
+  c.train_text_encoder = True
+  c.learning_rate = 1e-4
   c.batch_size = 2
   c.num_steps = 4
   c.log_every = 1
