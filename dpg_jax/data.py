@@ -16,6 +16,7 @@ import os
 import warnings
 import zlib
 
+from absl import logging
 import numpy as np
 from PIL import Image
 from PIL import ImageOps
@@ -342,6 +343,9 @@ def ensure_class_images(class_dir, num_images, resolution, generate_fn, *,
       runs[-1].append(i)
     else:
       runs.append([i])
+  if runs:
+    logging.info('Generating %d class images into %s (%d there already; kept for later runs)',
+                 num_missing, class_dir, len(by_path))
   for run in runs:
     out = np.asarray(generate_fn(len(run), run[0]))
     expected = (len(run), resolution, resolution, 3)

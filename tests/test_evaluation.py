@@ -182,6 +182,12 @@ def test_summarize_groups():
   np.testing.assert_allclose([overall['a'][k] for k in scorer_lib.METRICS],
                              [(0.6 + 0.2 + 0.9) / 3, (0.7 + 0.2 + 0.9) / 3, (0.3 + 0.2 + 0.1) / 3])
   assert overall['a']['num_subjects'] == 3 and overall['b']['num_subjects'] == 1
+  # Standard error over subjects: sample std / sqrt(n); none from one subject.
+  np.testing.assert_allclose(overall['a']['dino_se'],
+                             np.std([0.6, 0.2, 0.9], ddof=1) / np.sqrt(3))
+  np.testing.assert_allclose(live['a']['clip_t_se'], 0.05)
+  assert overall['b']['dino_se'] is None and obj['a']['clip_i_se'] is None
+  assert overall[report.REAL]['clip_t_se'] is None
   np.testing.assert_allclose([overall[report.REAL]['dino'], overall[report.REAL]['clip_i']],
                              [(0.8 + 0.6 + 0.5) / 3, (0.9 + 0.7 + 0.5) / 3])
   assert overall[report.REAL]['clip_t'] is None
@@ -244,11 +250,13 @@ def test_report_files_from_a_hand_made_ledger(tmp_path):
       '# DreamBench evaluation', '',
       '**Incomplete**: 1 (subject, method, prompt) units not finished.', '',
       '## Overall (mean over subjects)', '',
-      head + '| a | 0.567 | 0.600 | 0.200 |\n| b | 0.100 | 0.200 | 0.300 |\n'
-      '| Real images | 0.633 | 0.700 | N/A |\n',
+      head + '| a | 0.567 ± 0.203 | 0.600 ± 0.208 | 0.200 ± 0.058 |\n'
+      '| b | 0.100 | 0.200 | 0.300 |\n'
+      '| Real images | 0.633 ± 0.088 | 0.700 ± 0.115 | N/A |\n',
       '## Live subjects', '',
-      head + '| a | 0.400 | 0.450 | 0.250 |\n| b | 0.100 | 0.200 | 0.300 |\n'
-      '| Real images | 0.700 | 0.800 | N/A |\n',
+      head + '| a | 0.400 ± 0.200 | 0.450 ± 0.250 | 0.250 ± 0.050 |\n'
+      '| b | 0.100 | 0.200 | 0.300 |\n'
+      '| Real images | 0.700 ± 0.100 | 0.800 ± 0.100 | N/A |\n',
       '## Objects', '',
       head + '| a | 0.900 | 0.900 | 0.100 |\n| Real images | 0.500 | 0.500 | N/A |\n',
       '## Per subject', '',

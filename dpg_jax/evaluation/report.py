@@ -2,7 +2,8 @@
 
 A subject's score pools its prompts (every prompt has the same number of
 images, so this is also the mean of the per-prompt scores); live / object /
-overall rows are means over subjects. Outputs, in the evaluation workdir:
+overall rows are means over subjects, with their standard errors (the
+spread over subjects / sqrt(n)). Outputs, in the evaluation workdir:
 
   results.json, results.md          per prompt / subject / group / overall
   grids/<method>/<subject>.png      rows = prompts, columns = seeds
@@ -23,9 +24,21 @@ REAL = 'Real images'
 GROUPS = ('live', 'object')
 
 
+def _present(values) -> list:
+  return [v for v in values if v is not None and not math.isnan(v)]
+
+
 def _mean(values) -> float | None:
-  values = [v for v in values if v is not None and not math.isnan(v)]
+  values = _present(values)
   return float(np.mean(values)) if values else None
+
+
+def _standard_error(values) -> float | None:
+  """Standard error of the mean (sample std / sqrt(n)); None below 2 values."""
+  values = _present(values)
+  if len(values) < 2:
+    return None
+  return float(np.std(values, ddof=1) / math.sqrt(len(values)))
 
 
 def summarize(records: Sequence[dict], methods: Sequence[str] | None = None) -> dict:
@@ -64,6 +77,8 @@ def summarize(records: Sequence[dict], methods: Sequence[str] | None = None) -> 
       have = [per_subject[s][m] for s in names if m in per_subject[s]]
       if have:
         rows[m] = {k: _mean(r[k] for r in have) for k in METRICS}
+        # The spread of the mean over subjects (the error bar of Table 1's rows).
+        rows[m].update({f'{k}_se': _standard_error(r[k] for r in have) for k in METRICS})
         rows[m]['num_subjects'] = len(have)
     return rows
 
@@ -84,13 +99,22 @@ def _fmt(value) -> str:
       else f'{value:.3f}'
 
 
+def _cell(row: dict, key: str) -> str:
+  """'0.695' or, where the row has a standard error for it, '0.695 ± 0.012'."""
+  se = row.get(f'{key}_se')
+  if se is None or row.get(key) is None:
+    return _fmt(row.get(key))
+  return f'{_fmt(row[key])} ± {_fmt(se)}'
+
+
 def format_table(rows: dict, order: Sequence[str] | None = None) -> str:
-  """Markdown table in the layout of the paper's Table 1 (methods x metrics)."""
+  """Markdown table in the layout of the paper's Table 1 (methods x metrics; mean ±
+  standard error over subjects where there are two or more)."""
   order = [m for m in (order or rows) if m in rows]
   lines = ['| Method | ' + ' | '.join(METRIC_NAMES[k] for k in METRICS) + ' |',
            '|---' * (len(METRICS) + 1) + '|']
   for m in order:
-    lines.append(f'| {m} | ' + ' | '.join(_fmt(rows[m].get(k)) for k in METRICS) + ' |')
+    lines.append(f'| {m} | ' + ' | '.join(_cell(rows[m], k) for k in METRICS) + ' |')
   return '\n'.join(lines) + '\n'
 
 
