@@ -170,8 +170,9 @@ def test_a_tampered_file_is_named(tmp_path):
 # -- the point of it all: DreamBooth on the shipped base learns the subject ------
 @_SHIPPED
 def test_dreambooth_on_the_shipped_base_learns_the_toy_subject(tmp_path):
-  """configs/tiny.py (shipped base, orange_star), a short run: the judge's score
-  of the subject's attributes on its prompts rises clearly above the base model's."""
+  """configs/tiny.py as it runs (shipped base, orange_star): the judge's score of the
+  subject's attributes on its prompts rises clearly above the base model's, and the
+  prompts' contexts are mostly kept."""
   from configs import tiny  # pylint: disable=g-import-not-at-top
   from dpg_jax import train  # pylint: disable=g-import-not-at-top
   from dpg_jax.toyworld import checks  # pylint: disable=g-import-not-at-top
@@ -193,15 +194,17 @@ def test_dreambooth_on_the_shipped_base_learns_the_toy_subject(tmp_path):
 
 
 # -- the pretraining loop ----------------------------------------------------------
-def _quadratic_fit(stage_dir, num_steps, state=None):
+def _quadratic_fit(stage_dir, num_steps):
   """pretrain.fit on a two-parameter least-squares problem (the loop, not a model)."""
   import functools  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import ml_collections  # pylint: disable=g-import-not-at-top
+  from dpg_jax import optimizer as optimizer_lib  # pylint: disable=g-import-not-at-top
   from dpg_jax.toyworld import pretrain  # pylint: disable=g-import-not-at-top
   config = pretrain.get_config()
   config.checkpoint_every, config.log_every = 5, 1
-  opt = pretrain.optimizer_lib.make_optimizer(pretrain.optimizer_config(
+  opt = optimizer_lib.make_optimizer(pretrain.optimizer_config(
       ml_collections.ConfigDict(dict(learning_rate=0.3, warmup_steps=1)), 20))
 
   def loss(params, batch, rng):
@@ -213,7 +216,7 @@ def _quadratic_fit(stage_dir, num_steps, state=None):
     x = r.normal(size=(8, 2)).astype(np.float32)
     return {'x': x, 'y': x @ np.asarray([2.0, -1.0], np.float32)}
 
-  step = pretrain.jax.jit(functools.partial(pretrain._simple_step, loss, opt.tx))  # pylint: disable=protected-access
+  step = jax.jit(functools.partial(pretrain._simple_step, loss, opt.tx))  # pylint: disable=protected-access
   state = pretrain._new_state({'w': jnp.zeros(2)}, opt.tx)  # pylint: disable=protected-access
   return pretrain.fit('judge', str(stage_dir), state, step, batch_fn, num_steps, config)
 

@@ -118,13 +118,14 @@ def main(argv):
     grid.append(imgs)
   # Row 1: the subject's photos; then one row per model (base, fine-tuned), one
   # column per prompt (its first seed): the README's before/after grid.
-  n = len(subject_prompts(f.subject))
+  prompts = subject_prompts(f.subject)
+  n = len(prompts)
   photos = subjects_lib.photos(f.subject)
   blank = np.full((n - len(photos),) + photos.shape[1:], 255, np.uint8)
   rows = [photos, blank] + [g.reshape((n, -1) + g.shape[1:])[:, 0] for g in grid]
   sampling.save_grid(np.concatenate(rows), os.path.join(f.out, 'subject_before_after.png'),
                      ncols=n)
-  result['subject']['prompts'] = subject_prompts(f.subject)
+  result['subject']['prompts'] = prompts
   with open(os.path.join(f.out, 'checks.json'), 'w') as fh:
     json.dump(result, fh, indent=1)
   print(json.dumps(result, indent=1))

@@ -152,6 +152,7 @@ def fit(name, stage_dir, state, step_fn, batch_fn, num_steps, config, start_step
     bar = tqdm.tqdm(total=num_steps, initial=step0, desc=name, dynamic_ncols=True)
     log = open(os.path.join(stage_dir, 'metrics.jsonl'), 'a')
     t0 = time.perf_counter()
+    elapsed = lambda: seconds0 + time.perf_counter() - t0   # over resumed runs too
     for step in range(step0 + 1, num_steps + 1):
       state, metrics = step_fn(state, batch_fn(step), rng)
       bar.update(1)
@@ -160,20 +161,17 @@ def fit(name, stage_dir, state, step_fn, batch_fn, num_steps, config, start_step
         if not all(np.isfinite(v) for v in last.values()):
           raise ckpt_lib.NonFiniteError(f'{name} step {step}: non-finite metrics {last}.')
         bar.set_postfix(loss=f'{last["loss"]:.4f}')
-        log.write(json.dumps({'step': step, 's': round(seconds0 + time.perf_counter() - t0, 1),
-                              **last})
-                  + '\n')
+        log.write(json.dumps({'step': step, 's': round(elapsed(), 1), **last}) + '\n')
         log.flush()
       if step % config.checkpoint_every == 0 or step == num_steps:
-        # Training seconds summed over resumed runs: the stage's time on record.
-        ckpt.save(step, state, {'step': step, 'metrics': last,
-                                'seconds': seconds0 + time.perf_counter() - t0})
+        # The stage's time on record, read back by a resumed run.
+        ckpt.save(step, state, {'step': step, 'metrics': last, 'seconds': elapsed()})
     bar.close()
     log.close()
     ckpt.wait()
   finally:
     ckpt.close()
-  return state, last, round(seconds0 + time.perf_counter() - t0, 1)
+  return state, last, round(elapsed(), 1)
 
 
 def _seconds(train_seconds, t_after_fit):
