@@ -249,9 +249,10 @@ def stage_vae(workdir, config, images):
     idx = data_lib.sample_indices(len(train_images), step=s, seed=config.seed,
                                   batch_size=batch, stream=1)
     x = train_images[idx]
-    if size < x.shape[1]:  # crops on the 8-pixel latent grid
+    if size < x.shape[1]:  # crops on the latent grid
       r = _rng(config, 'vae', s)
-      offs = r.integers(0, (x.shape[1] - size) // 8 + 1, (batch, 2)) * 8
+      g = model_lib.VAE_SCALE
+      offs = r.integers(0, (x.shape[1] - size) // g + 1, (batch, 2)) * g
       x = np.stack([im[oy:oy + size, ox:ox + size] for im, (oy, ox) in zip(x, offs)])
     flip = _rng(config, 'vae', s, 1).uniform(size=batch) < 0.5
     x = np.where(flip[:, None, None, None], x[:, :, ::-1], x)
