@@ -224,7 +224,7 @@ def _pattern(pattern, u, v):
   if pattern == 'solid':
     return np.zeros(u.shape, bool)
   if pattern == 'striped':
-    # Coarse on purpose: one period spans about one 8x8 latent cell at 64 px.
+    # Coarse on purpose: one period spans about 8 px (two latent cells of the x4 VAE).
     return np.floor((u + 0.5 * v) * 2.2 + 10) % 2 == 0
   if pattern == 'dotted':
     fu, fv = (u * 2.0 + 0.5) % 1 - 0.5, (v * 2.0 + 0.5) % 1 - 0.5
