@@ -60,7 +60,7 @@ def get_config():
       crop_steps=2000, crop=32, crop_batch=32, full_steps=300, full_batch=8,
       learning_rate=3e-3, warmup_steps=50, kl_weight=1e-4, eval_scenes=256))
   c.unet = ml_collections.ConfigDict(dict(
-      steps=6000, batch_size=64, learning_rate=1e-3, warmup_steps=100, caption_dropout=0.1,
+      steps=4400, batch_size=64, learning_rate=1e-3, warmup_steps=100, caption_dropout=0.1,
       caption_keep=0.8,
       # The shipped UNet and text encoder are this exponential moving average
       # of the trained weights (horizon ~1 / (1 - decay) steps): at a few
