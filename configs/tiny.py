@@ -30,12 +30,13 @@ def get_config():
   c.data.class_sample_steps = 10
   c.data.class_guidance_scale = 3.0
   # Measured on orange_star (the judge's subject-attribute score and context
-  # accuracy on its 13 prompts x 2 seeds, guidance 4; the base: 0.29, 100%):
-  # 300 steps at 5e-4 with the text encoder 0.37, 94%; 800 at 1e-3: 0.48, 12%
-  # with it (its context words drift), 0.46, 56% frozen; 1500 frozen: 0.51, 38%.
+  # accuracy on its 13 prompts x 2 seeds, guidance 4; the base: 0.29, 100%),
+  # text encoder frozen: 800 steps at 5e-4: 0.60, 94%; at 1e-3: 0.60, 50%;
+  # 400 at 1e-3: 0.46, 69%. (Trained, the two-layer text encoder forgets its
+  # context words within 800 steps whatever the prior preservation.)
   c.num_steps = 800
   c.batch_size = 2
-  c.learning_rate = 1e-3
+  c.learning_rate = 5e-4
   c.train_text_encoder = False
   c.warmup_steps = 10
   c.sample.prompts = ('a {identifier} {class_noun} in the snow',

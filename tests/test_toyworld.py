@@ -17,7 +17,8 @@ from dpg_jax.toyworld import subjects
 from dpg_jax.toyworld import weights
 from dpg_jax.toyworld import world
 
-DREAMBOOTH_MARGIN = 0.08
+# Half the measured rise of configs/tiny.py (0.31 -> 0.55 on 13 prompts x 1 seed).
+DREAMBOOTH_MARGIN = 0.12
 
 
 # -- generator -----------------------------------------------------------------
@@ -189,8 +190,9 @@ def test_dreambooth_on_the_shipped_base_learns_the_toy_subject(tmp_path):
   before, _ = checks.subject_scores(sd, base, jp, subjects.DEFAULT, seeds_per_prompt=1)
   after, _ = checks.subject_scores(sd, tuned, jp, subjects.DEFAULT, seeds_per_prompt=1)
   assert after['attribute_score'] > before['attribute_score'] + DREAMBOOTH_MARGIN, (before, after)
-  # The prompts' contexts survive (chance 1/6; a drifting text encoder fell to 1/8).
-  assert after['context_accuracy'] > 0.3, (before, after)
+  # The prompts' contexts survive (measured 7 of 8; chance 1/6; twice the learning
+  # rate kept 1/2, a drifting text encoder 1/8).
+  assert after['context_accuracy'] > 0.6, (before, after)
 
 
 # -- the pretraining loop ----------------------------------------------------------
