@@ -102,12 +102,12 @@ def main(argv):
   os.makedirs(f.out, exist_ok=True)
   sd, params = models.load_stable_diffusion(weights.BASE_DIR)
   jp = judge_lib.load()
-  # 3 seeds per caption: 216 images per scale, a standard error of ~3 points.
-  result, images, _ = heldout_sweep(sd, params, jp, seeds_per_prompt=3)
+  seeds = 3  # per caption: 216 images per scale, a standard error of ~3 points
+  result, images, prompts = heldout_sweep(sd, params, jp, seeds_per_prompt=seeds)
   for g, imgs in images.items():
     # First seed of the first 6 triples: a row per triple, a column per context.
-    sampling.save_grid(imgs[::3][:36], os.path.join(f.out, f'heldout_g{g}.png'), ncols=6)
-  result = {'heldout': result, 'heldout_prompts': heldout_prompts()[0][:12]}
+    sampling.save_grid(imgs[::seeds][:36], os.path.join(f.out, f'heldout_g{g}.png'), ncols=6)
+  result = {'heldout': result, 'heldout_prompts': prompts[::seeds][:12]}
   base_score, base_imgs = subject_scores(sd, params, jp, f.subject)
   result['subject'] = {'name': f.subject, 'base': base_score}
   grid = [base_imgs]

@@ -251,7 +251,7 @@ def stage_vae(workdir, config, images):
     x = train_images[idx]
     if size < x.shape[1]:  # crops on the latent grid
       r = _rng(config, 'vae', s)
-      g = model_lib.VAE_SCALE
+      g = sd.vae_scale
       offs = r.integers(0, (x.shape[1] - size) // g + 1, (batch, 2)) * g
       x = np.stack([im[oy:oy + size, ox:ox + size] for im, (oy, ox) in zip(x, offs)])
     flip = _rng(config, 'vae', s, 1).uniform(size=batch) < 0.5
