@@ -73,6 +73,12 @@ def get_config(protocol: str | None = None):
       'tiny_custom_diffusion_dpg_dino': 'configs/custom_diffusion_dpg_dino.py:tiny',
       'tiny_lora': 'configs/lora.py:tiny',
       'tiny_lora_dpg': 'configs/lora_dpg.py:tiny',
+      # The toy DreamBench (configs/eval_toy.py): the methods on the shipped toy-world SD.
+      'toy_dreambooth': 'configs/tiny.py',
+      'toy_dpg_faithful': 'configs/tiny_dpg.py:faithful',
+      'toy_dpg_robust': 'configs/tiny_dpg.py:robust',
+      'toy_dpg_dino': 'configs/tiny_dpg_dino.py',
+      'toy_dpg_clip_t': 'configs/tiny_dpg_clip_t.py',
   })
   # Overrides of every method's training config (None = keep the method's).
   c.train = ml_collections.ConfigDict()
@@ -90,6 +96,10 @@ def get_config(protocol: str | None = None):
   # trainable state vmapped over a 'subject' mesh axis, one subject per device group):
   # 1 = one job per subject, K > 1 = groups of K, 0 = all of a method's subjects at once.
   c.subjects_at_once = 1
+  # Training seeds, a second error axis: each (method, subject, seed) trains with
+  # `seed` overridden, into runs/<method>/<subject>/seed<k>; the report adds the
+  # standard error over seeds. () = each method's own seed, runs/<method>/<subject>.
+  c.train_seeds = ()
 
   # --- Subjects ---------------------------------------------------------------
   c.dataset = 'dreambench'
@@ -117,6 +127,10 @@ def get_config(protocol: str | None = None):
   c.scorer.clip_model = 'openai/clip-vit-base-patch32'  # hub id or HF dir
   c.scorer.tiny = False             # tiny random encoders built in the workdir (tests)
   c.scorer.batch_size = 32
+  # The toy-world judge (toy subjects only): per-prompt 'subject' (its score of the
+  # subject's attributes) and 'context' accuracy. '' = off, 'toyworld' = the shipped
+  # judge, or a judge .msgpack path.
+  c.scorer.judge = ''
 
   # --- Devices ----------------------------------------------------------------
   c.mesh = ml_collections.ConfigDict()

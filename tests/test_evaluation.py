@@ -637,3 +637,247 @@ def test_failed_start_locks_nothing_and_changed_training_retrains(tmp_path, tiny
   old_files, new_files = first['per_prompt'][0]['files'], second['per_prompt'][0]['files']
   assert set(old_files).isdisjoint(new_files)
   assert all(os.path.isfile(os.path.join(workdir, f)) for f in old_files + new_files)
+
+
+
+# -- training seeds -------------------------------------------------------------------
+def _seeded(subject, method, seed, i, dino, context):
+  """A prompt record of training seed `seed` (None: the method's own) with judge
+  metrics: judge_subject = 1 - dino, judge_context as given."""
+  r = _prompt(subject, method, i, False, dino, 0.5, dino / 2)
+  r.update(judge_subject=1 - dino, judge_context=context)
+  return r if seed is None else dict(r, train_seed=seed)
+
+
+# (subject, seed, prompt) -> (dino, judge_context) of method 'a'.
+SEEDED = {('x', 0, 0): (0.2, 1.0), ('x', 0, 1): (0.4, None),
+          ('x', 1, 0): (0.6, 0.5), ('x', 1, 1): (0.8, None),
+          ('y', 0, 0): (0.1, 0.0), ('y', 1, 0): (0.5, 1.0)}
+SEEDED_RECORDS = [_seeded(s, 'a', k, i, d, c) for (s, k, i), (d, c) in SEEDED.items()] + [
+    _seeded('x', 'b', None, 0, 0.3, 1.0), _seeded('y', 'b', None, 0, 0.5, 0.0),
+    dict(_real('x', False, 0.9, 0.95), judge_subject=0.85),
+    dict(_real('y', False, 0.7, 0.75), judge_subject=0.65)]
+
+
+def test_summarize_pools_seeds_and_reports_both_standard_errors():
+  r = report.summarize(SEEDED_RECORDS, ['a', 'b'])
+  assert r['metrics'] == ['dino', 'clip_i', 'clip_t', 'judge_subject', 'judge_context']
+  x, y = r['per_subject']['x']['a'], r['per_subject']['y']['a']
+  # A subject pools its seeds: x = mean(0.2, 0.4, 0.6, 0.8), y = mean(0.1, 0.5).
+  assert (x['dino'], y['dino']) == (pytest.approx(0.5), pytest.approx(0.3))
+  assert x['num_images'] == 8 and x['num_prompts'] == 4
+  assert x['per_seed']['0']['dino'] == pytest.approx(0.3)
+  assert x['per_seed']['1']['dino'] == pytest.approx(0.7)
+  # Prompts naming no context are left out of judge_context: x = mean(1.0, 0.5).
+  assert x['judge_context'] == pytest.approx(0.75) and y['judge_context'] == pytest.approx(0.5)
+  a = r['overall']['a']
+  assert a['dino'] == pytest.approx(0.4) and a['num_subjects'] == 2 and a['num_seeds'] == 2
+  # Over subjects: std(0.5, 0.3) / sqrt(2) = 0.1. Over seeds: the subject-averaged
+  # per-seed means are (0.3 + 0.1) / 2 = 0.2 and (0.7 + 0.5) / 2 = 0.6: 0.2.
+  assert a['dino_se'] == pytest.approx(0.1) and a['dino_se_seeds'] == pytest.approx(0.2)
+  assert a['judge_subject'] == pytest.approx(0.6)
+  assert a['judge_subject_se'] == pytest.approx(0.1)
+  assert a['judge_subject_se_seeds'] == pytest.approx(0.2)
+  # judge_context: subjects 0.75, 0.5; seeds (1.0 + 0.0) / 2, (0.5 + 1.0) / 2.
+  assert a['judge_context'] == pytest.approx(0.625)
+  assert a['judge_context_se'] == pytest.approx(0.125)
+  assert a['judge_context_se_seeds'] == pytest.approx(0.125)
+  assert a['clip_i_se'] == pytest.approx(0.0) and a['clip_i_se_seeds'] == pytest.approx(0.0)
+  # No training seeds (b) or the real images: no seed error bar.
+  assert 'dino_se_seeds' not in r['overall']['b'] and 'num_seeds' not in r['overall']['b']
+  real = r['overall'][report.REAL]
+  assert real['judge_subject'] == pytest.approx(0.75) and real['judge_context'] is None
+  assert 'dino_se_seeds' not in real
+  assert r['per_subject']['x'][report.REAL]['judge_subject'] == 0.85
+  assert report.format_table(r['overall'], ['a', 'b', report.REAL]) == (
+      '| Method | DINO | CLIP-I | CLIP-T | Judge subject | Judge context |\n'
+      '|---|---|---|---|---|---|\n'
+      '| a | 0.400 ± 0.100 (seeds ± 0.200) | 0.500 ± 0.000 (seeds ± 0.000) | '
+      '0.200 ± 0.050 (seeds ± 0.100) | 0.600 ± 0.100 (seeds ± 0.200) | '
+      '0.625 ± 0.125 (seeds ± 0.125) |\n'
+      '| b | 0.400 ± 0.100 | 0.500 ± 0.000 | 0.200 ± 0.050 | 0.600 ± 0.100 | '
+      '0.500 ± 0.500 |\n'
+      '| Real images | 0.800 ± 0.100 | 0.850 ± 0.100 | N/A | 0.750 ± 0.100 | N/A |\n')
+  md = report.results_markdown(r)
+  assert 'each subject pools its 2 training seeds' in md and 'Judge context:' in md
+  # Without seeds and judge metrics the report keeps the DreamBench layout.
+  assert 'training seeds' not in report.results_markdown(report.summarize(RECORDS, ['a']))
+
+
+def test_validate_config_train_seeds_and_judge():
+  config = _driver_config()
+  config.train_seeds = (0, 1)
+  evaluation.validate_config(config)
+  for bad, why in [((0, 0), 'has duplicates'), ((-1,), 'expected a tuple of integers'),
+                   (('a',), 'expected a tuple of integers')]:
+    config.train_seeds = bad
+    with pytest.raises(ValueError, match=f'config key train_seeds=.*{why}'):
+      evaluation.validate_config(config)
+  config.train_seeds = ()
+  config.scorer.judge = '/no/such/judge.msgpack'
+  with pytest.raises(ValueError, match="config key scorer.judge='/no/such/judge.msgpack': "
+                                       "expected '' \\(off\\), 'toyworld'"):
+    evaluation.validate_config(config)
+  config.scorer.judge = 'toyworld'
+  with pytest.raises(ValueError, match='the judge reads toy-world subjects only'):
+    evaluation.validate_config(config)   # synthetic subjects
+  config.synthetic_subjects, config.dataset = 0, 'toyworld'
+  evaluation.validate_config(config)
+  assert ledger_lib.eval_settings(config)['judge'] == 'toyworld'
+  assert 'judge' not in ledger_lib.eval_settings(_driver_config())  # old workdirs' settings
+
+
+def test_driver_train_seeds_distinct_runs_units_and_resume(tmp_path, tiny_sd_dir, monkeypatch,
+                                                           scorer):
+  monkeypatch.setattr(scorer_lib, 'make_scorer', lambda config, workdir: scorer)
+  workdir = str(tmp_path / 'eval')
+  calls = {'train': [], 'sample': 0, 'kill_at': 3}
+
+  def train_fn(cfg, run_dir):
+    calls['train'].append((cfg.seed, os.path.relpath(run_dir, workdir)))
+    shutil.copytree(tiny_sd_dir, os.path.join(run_dir, 'export'))
+
+  sampler_call = sampling.Sampler.__call__
+
+  def counting_sampler(self, *args, **kwargs):
+    calls['sample'] += 1
+    if calls['sample'] == calls['kill_at']:
+      raise _Killed()
+    return sampler_call(self, *args, **kwargs)
+
+  monkeypatch.setattr(sampling.Sampler, '__call__', counting_sampler)
+  config = _driver_config()
+  config.synthetic_subjects = 1
+  config.train_seeds = (5, 7)
+  # Killed while generating seed 7's first prompt (one prompt per sampler call).
+  with pytest.raises(_Killed):
+    evaluation.run(config, workdir, train_fn=train_fn)
+  runs = [os.path.join('runs', 'tiny', 'synthetic0', f'seed{k}') for k in (5, 7)]
+  assert calls['train'] == [(5, runs[0]), (7, runs[1])]
+  calls.update(sample=0, kill_at=-1)
+  results = evaluation.run(config, workdir, train_fn=train_fn)
+  assert calls['sample'] == 2 and len(calls['train']) == 2   # the 2 missing units, no retrain
+  fps = [json.load(open(os.path.join(workdir, r, ledger_lib.TRAIN_FINGERPRINT)))['fingerprint']
+         for r in runs]
+  assert fps[0] != fps[1]   # the seed is part of the training settings
+  ledger = ledger_lib.Ledger(os.path.join(workdir, ledger_lib.LEDGER))
+  assert sorted(k for k in ledger.records if k[0] == 'prompt') == sorted(
+      ('prompt', 'synthetic0', 'tiny', i, fp, k) for k, fp in zip((5, 7), fps) for i in (0, 1))
+  for r in results['per_prompt']:
+    k = r['train_seed']
+    assert r['train_fingerprint'] == fps[(5, 7).index(k)]
+    assert all(f.startswith(os.path.join('images', 'tiny', 'synthetic0', f'seed{k}', ''))
+               and os.path.isfile(os.path.join(workdir, f)) for f in r['files'])
+  for k in (5, 7):
+    assert os.path.isfile(os.path.join(workdir, 'grids', 'tiny', 'synthetic0', f'seed{k}.png'))
+  row = results['per_subject']['synthetic0']['tiny']
+  assert row['num_images'] == 8 and sorted(row['per_seed']) == ['5', '7']
+  per_seed = [np.mean([r['dino'] for r in results['per_prompt'] if r['train_seed'] == k])
+              for k in (5, 7)]
+  overall = results['overall']['tiny']
+  assert overall['num_seeds'] == 2 and overall['dino_se'] is None   # one subject
+  assert overall['dino_se_seeds'] == pytest.approx(np.std(per_seed, ddof=1) / np.sqrt(2),
+                                                   abs=1e-7)
+  # Finished: a rerun trains, samples and scores nothing.
+  calls.update(sample=0)
+  assert evaluation.run(config, workdir, train_fn=train_fn)['per_prompt'] == \
+      results['per_prompt']
+  assert calls['sample'] == 0 and len(calls['train']) == 2
+
+
+# -- the toy world's judge ------------------------------------------------------------
+def test_judge_metrics_of_a_toy_subject(scorer):
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  from dpg_jax.toyworld import judge as judge_lib  # pylint: disable=g-import-not-at-top
+  from dpg_jax.toyworld import subjects as toy_subjects  # pylint: disable=g-import-not-at-top
+  from dpg_jax.toyworld import world  # pylint: disable=g-import-not-at-top
+  jp = judge_lib.load()
+  judged = scorer_lib.Scorer(scorer.dino, scorer.params['dino'], scorer.clip,
+                             scorer.params['clip'], batch_size=4, judge_params=jp)
+  star = toy_subjects.get('orange_star')
+  photos = toy_subjects.photos(star.name)
+  refs = judged.references(photos, attributes=star.attributes)
+  real = judged.real_images(refs)
+  assert real['judge_subject'] == pytest.approx(
+      judge_lib.attribute_score(judge_lib.probabilities(jp, photos), star.attributes), abs=1e-6)
+  assert real['judge_subject'] > 0.5   # the judge knows the subject in its photos (0.63)
+  # "Generated" = the subject drawn in the snow, and a red heart in the snow.
+  snow = np.stack([world.render(dataclasses.replace(toy_subjects.photo_scene(star, i),
+                                                    context='snow')) for i in range(3)])
+  heart = np.stack([world.render(dataclasses.replace(
+      toy_subjects.photo_scene(star, i), cls='heart', colour='red', pattern='solid',
+      mark='none', context='snow')) for i in range(3)])
+  probs = judge_lib.probabilities(jp, snow)
+  out = judged.score(snow, 'a star in the snow', refs)
+  assert out['judge_subject'] == pytest.approx(
+      judge_lib.attribute_score(probs, star.attributes), abs=1e-6)
+  assert out['judge_context'] == pytest.approx(
+      judge_lib.accuracy(probs, {'context': world.CONTEXTS.index('snow')})['context'])
+  assert out['judge_context'] == 1.0 and len(out['per_image']['judge_subject']) == 3
+  assert np.mean(out['per_image']['judge_subject']) == pytest.approx(out['judge_subject'])
+  other = judged.score(heart, 'a star in the snow', refs)
+  assert other['judge_subject'] < out['judge_subject'] - 0.3
+  assert judged.score(snow, 'a star at night', refs)['judge_context'] == 0.0
+  # A prompt that names no context: no context score.
+  none = judged.score(snow, 'a star next to a red ring', refs)
+  assert none['judge_context'] is None and none['per_image']['judge_context'] is None
+  # Other sizes are resized to the judge's 64 px.
+  big = np.stack([np.asarray(Image.fromarray(im).resize((128, 128), Image.NEAREST))
+                  for im in snow])
+  assert judged.score(big, 'a star in the snow', refs)['judge_subject'] == pytest.approx(
+      out['judge_subject'], abs=0.05)
+  # No judge, or a subject without attributes (DreamBench): the three metrics only.
+  assert 'judge_subject' not in scorer.score(snow, 'a star', scorer.references(photos,
+                                                                                star.attributes))
+  assert 'judge_subject' not in judged.score(snow, 'a star', judged.references(photos))
+  assert 'judge_subject' not in scorer.real_images(scorer.references(photos, star.attributes))
+
+
+# -- the toy DreamBench end to end -------------------------------------------------------
+# The metric encoders of the toy DreamBench (scorer.dino_model / scorer.clip_model):
+# the toy DINO and CLIP shipped in dpg_jax/toyworld/shipped/.
+TOY_ENCODERS = 'toyworld'
+TOY_STEPS = 150   # per method: enough to lift the judge's subject score over the base's
+
+
+def test_toy_dreambench_end_to_end(tmp_path):
+  """orange_star x (untrained base, DreamBooth, DPG look-forward) x 2 prompts through the
+  driver on the shipped toy SD, toy DINO / CLIP and judge: the trained methods draw the
+  subject better than the base model, and no method beats the photos themselves."""
+  from dpg_jax.toyworld import weights  # pylint: disable=g-import-not-at-top
+  config = plan.load_config_file('configs/eval_toy.py')
+  config.subjects = ('orange_star',)
+  config.method_configs.toy_base = 'configs/tiny.py'
+  config.methods = ('toy_base', 'toy_dreambooth', 'toy_dpg_robust')
+  config.train_seeds = ()
+  config.prompts_limit = 2              # 'on the grass', 'in the snow'
+  config.images_per_prompt = 4
+  config.sample.batch_size = 8
+  config.train.num_steps = TOY_STEPS
+  config.train.checkpoint_every = TOY_STEPS
+  config.scorer.dino_model = config.scorer.clip_model = TOY_ENCODERS
+  trained = []
+
+  def train_fn(cfg, run_dir):
+    if os.path.basename(os.path.dirname(run_dir)) == 'toy_base':  # the base, untrained
+      shutil.copytree(weights.BASE_DIR, os.path.join(run_dir, 'export'))
+      return
+    from dpg_jax import train  # pylint: disable=g-import-not-at-top
+    trained.append(cfg.dpg.enabled)
+    train.train_and_evaluate(cfg, run_dir)
+
+  results = evaluation.run(config, str(tmp_path / 'eval'), train_fn=train_fn)
+  assert trained == [False, True] and results['incomplete_units'] == 0
+  rows = results['overall']
+  base, db, real = rows['toy_base'], rows['toy_dreambooth'], rows[report.REAL]
+  for m in ('toy_dreambooth', 'toy_dpg_robust'):
+    assert rows[m]['judge_subject'] > base['judge_subject'] + 0.05, (m, rows)
+    assert rows[m]['dino'] > base['dino'], (m, rows)
+  for m in config.methods:
+    assert real['dino'] > rows[m]['dino'] and real['clip_i'] > rows[m]['clip_i'], (m, rows)
+    assert real['judge_subject'] > rows[m]['judge_subject'], (m, rows)
+    assert 0 <= rows[m]['judge_context'] <= 1 and -1 <= rows[m]['clip_t'] <= 1
+  # The base draws the prompts' contexts; DreamBooth keeps most of them.
+  assert base['judge_context'] >= 0.5 and db['judge_context'] >= 0.5, rows
+  with open(tmp_path / 'eval' / 'results.md') as f:
+    assert '| Method | DINO | CLIP-I | CLIP-T | Judge subject | Judge context |' in f.read()

@@ -120,6 +120,9 @@ def data_source(dataset: str = 'dreambench', *, split: str = 'train',
 def available_subjects(dataset: str = 'dreambench', *,
                        data_dir: PathLike | None = None,
                        manual_dir: PathLike | None = None) -> list[str]:
+  if dataset == 'toyworld':  # rendered by the toy world's generator: nothing to build
+    from dpg_jax.toyworld import subjects as toy_subjects  # pylint: disable=g-import-not-at-top
+    return [s.name for s in toy_subjects.SUBJECTS]
   builder = prepare(dataset, data_dir=data_dir, manual_dir=manual_dir)
   return list(builder.info.metadata.get('subjects', []))
 

@@ -5,7 +5,9 @@ For each subject and method it trains into <workdir>/runs/<method>/<subject>
 samples `images_per_prompt` images per prompt with seeds seed..seed+n-1 into
 images/<method>/<subject>/<fingerprint>/<prompt>_<seed>.png, scores them
 (scorer.py), appends one ledger line per finished unit (ledger.py) and
-rewrites the report after each subject (report.py).
+rewrites the report after each subject (report.py). With `train_seeds`, every
+training seed k of (method, subject) is its own run and its own units:
+runs/, images/ and grids/ get a seed<k> level below the subject.
 """
 import collections
 import contextlib
@@ -49,6 +51,14 @@ def validate_config(config) -> None:
     raise ValueError(f'config key prompts_limit={config.prompts_limit}: expected >= 0.')
   if config.seed < 0 or config.seed + config.images_per_prompt > 2 ** 32:
     raise ValueError(f'config key seed={config.seed}: seeds must lie in [0, 2**32).')
+  seeds = config.get('train_seeds', ())
+  if not isinstance(seeds, (tuple, list)) or not all(
+      isinstance(k, int) and not isinstance(k, bool) and 0 <= k < 2 ** 31 for k in seeds):
+    raise ValueError(f'config key train_seeds={seeds!r}: expected a tuple of integers in '
+                     '[0, 2**31) (() = each method\'s own seed).')
+  if len(set(seeds)) != len(seeds):
+    raise ValueError(f'config key train_seeds={tuple(seeds)} has duplicates.')
+  scorer_lib.validate_judge(config)
 
 
 def _pipeline_fingerprint(export_dir: str) -> str:
@@ -144,7 +154,9 @@ class Evaluator:
     self._mesh = None
     self.specs, self.missing = [], []
     self.prompts, self.units = {}, []
-    self.train_configs, self.fingerprints = {}, {}  # (method, subject) -> cfg, (hash, fields)
+    self.train_seeds = plan.training_seeds(config)  # [None]: each method's own seed
+    # (method, subject, training seed or None) -> cfg, (hash, fields)
+    self.train_configs, self.fingerprints = {}, {}
 
   @property
   def scorer(self) -> scorer_lib.Scorer:
@@ -177,17 +189,21 @@ class Evaluator:
                     for s in self.specs}
     for spec in self.specs:
       for m in self.methods:
-        cfg = plan.training_config(self.config, m, spec, self.workdir)
-        self.train_configs[m, spec.subject.name] = cfg
-        self.fingerprints[m, spec.subject.name] = plan.training_fingerprint(cfg, self.workdir)
-    self.units = [('prompt', s.subject.name, m, i, self.fingerprints[m, s.subject.name][0])
-                  for s in self.specs for m in self.methods
+        for k in self.train_seeds:
+          run = m, spec.subject.name, k
+          cfg = plan.training_config(self.config, m, spec, self.workdir, seed=k)
+          self.train_configs[run] = cfg
+          self.fingerprints[run] = plan.training_fingerprint(cfg, self.workdir)
+    self.units = [self._unit(m, s.subject.name, k, i)
+                  for s in self.specs for m in self.methods for k in self.train_seeds
                   for i in range(len(self.prompts[s.subject.name]))]
     n_done = sum(u in self.ledger for u in self.units)
-    logging.info('Evaluating %d subjects x %d methods: %d units, %d already done.',
-                 len(self.specs), len(self.methods), len(self.units), n_done)
+    logging.info('Evaluating %d subjects x %d methods x %d training seeds: %d units, %d '
+                 'already done.', len(self.specs), len(self.methods), len(self.train_seeds),
+                 len(self.units), n_done)
     for m in self.methods:
-      self._train_together(m)
+      for k in self.train_seeds:
+        self._train_together(m, k)
     bar = tqdm.tqdm(total=len(self.units), initial=n_done, desc='eval', dynamic_ncols=True)
     try:
       for spec in self.specs:
@@ -204,45 +220,52 @@ class Evaluator:
                      t['count'], t['seconds'], t['per_second'])
     return results
 
+  def _unit(self, method: str, name: str, seed: int | None, i: int) -> tuple:
+    return ledger_lib.unit_key(name, method, i, self.fingerprints[method, name, seed][0], seed)
+
   def _subject(self, spec: plan.SubjectSpec, bar) -> None:
     subject = spec.subject
     name = subject.name
     refs = None
     for method in self.methods:
-      prompts, fp = self.prompts[name], self.fingerprints[method, name][0]
-      todo = [i for i in range(len(prompts))
-              if ('prompt', name, method, i, fp) not in self.ledger]
-      grid_path = os.path.join(self.workdir, 'grids', method, f'{name}.png')
-      if todo:
-        bar.set_description(f'eval {method}/{name}')
-        refs = refs or self._references(subject)
-        self._method(spec, method, todo, refs, bar)
-      if todo or not os.path.exists(grid_path):
-        report_lib.write_grid(self.workdir, self._records(name, method), grid_path)
+      for seed in self.train_seeds:
+        todo = [i for i in range(len(self.prompts[name]))
+                if self._unit(method, name, seed, i) not in self.ledger]
+        grid_path = os.path.join(self.workdir, 'grids', plan.run_name(method, name, seed)
+                                 + '.png')
+        if todo:
+          bar.set_description(f'eval {plan.run_name(method, name, seed)}')
+          refs = refs or self._references(spec)
+          self._method(spec, method, seed, todo, refs, bar)
+        if todo or not os.path.exists(grid_path):
+          report_lib.write_grid(self.workdir, self._records(name, method, seed), grid_path)
     # After the methods: a first training that fails records nothing.
     if ('real', name) not in self.ledger:
-      refs = refs or self._references(subject)
+      refs = refs or self._references(spec)
       self._record({'kind': 'real', 'subject': name, 'live': subject.live,
                     'class_noun': subject.class_noun, 'num_images': len(subject.images),
                     **self.scorer.real_images(refs)})
 
-  def _references(self, subject) -> scorer_lib.References:
+  def _references(self, spec: plan.SubjectSpec) -> scorer_lib.References:
+    subject = spec.subject
     with self.timer('score_references', len(subject.images)):
-      return self.scorer.references(subject.images)
+      return self.scorer.references(subject.images, attributes=spec.attributes)
 
   def _record(self, record: dict) -> None:
     """Appends a finished unit; the first one also fixes the workdir's settings."""
     ledger_lib.fix_settings(self.workdir, self.settings)
     self.ledger.append(record)
 
-  def _records(self, subject: str, method: str) -> list[dict]:
-    fp = self.fingerprints[method, subject][0]
+  def _records(self, subject: str, method: str, seed: int | None) -> list[dict]:
+    fp = self.fingerprints[method, subject, seed][0]
     return [r for r in self.ledger.values() if r['kind'] == 'prompt' and r['subject'] == subject
-            and r['method'] == method and r.get('train_fingerprint') == fp]
+            and r['method'] == method and r.get('train_fingerprint') == fp
+            and r.get('train_seed') == seed]
 
-  def _trained_run(self, cfg, method: str, name: str) -> str:
-    """<workdir>/runs/<method>/<subject>, trained unless finished with these settings."""
-    run_dir, record = self._start_run(method, name)
+  def _trained_run(self, cfg, method: str, name: str, seed: int | None) -> str:
+    """<workdir>/runs/<method>/<subject>[/seed<k>], trained unless finished with these
+    settings."""
+    run_dir, record = self._start_run(method, name, seed)
     if record is not None:
       logging.info('Training %s on %s into %s', method, name, run_dir)
       with self.timer('train', 1):
@@ -253,14 +276,16 @@ class Evaluator:
       shutil.rmtree(os.path.join(run_dir, 'checkpoints'), ignore_errors=True)
     return run_dir
 
-  def _start_run(self, method: str, name: str):
+  def _start_run(self, method: str, name: str, seed: int | None):
     """(run_dir, None) if finished with these settings, else (run_dir, record) ready to train."""
-    run_dir = os.path.join(self.workdir, 'runs', method, name)
-    return run_dir, ledger_lib.start_run(run_dir, *self.fingerprints[method, name], method, name)
+    run_dir = os.path.join(self.workdir, 'runs', plan.run_name(method, name, seed))
+    return run_dir, ledger_lib.start_run(run_dir, *self.fingerprints[method, name, seed],
+                                         method, name)
 
-  def _train_together(self, method: str) -> None:
+  def _train_together(self, method: str, seed: int | None) -> None:
     """config.subjects_at_once > 1 (or 0 = all): the method's unfinished subjects
-    are trained in groups of that many, each group one job on one mesh
+    (of one training seed: configs trained together differ only in data.*) are
+    trained in groups of that many, each group one job on one mesh
     (dpg_jax/multisubject.py); `_trained_run` then finds them finished."""
     k = self.config.get('subjects_at_once', 1)
     if k == 1:
@@ -268,11 +293,10 @@ class Evaluator:
     pending = []
     for spec in self.specs:
       name = spec.subject.name
-      fp = self.fingerprints[method, name][0]
-      if any(('prompt', name, method, i, fp) not in self.ledger
+      if any(self._unit(method, name, seed, i) not in self.ledger
              for i in range(len(self.prompts[name]))):
         pending.append(name)
-    runs = [(name, *self._start_run(method, name)) for name in pending]
+    runs = [(name, *self._start_run(method, name, seed)) for name in pending]
     runs = [r for r in runs if r[2] is not None]
     k = k or len(runs)
     for g in range(0, len(runs), max(k, 1)):
@@ -280,27 +304,29 @@ class Evaluator:
       names = [name for name, _, _ in group]
       logging.info('Training %s on %d subjects at once: %s', method, len(group), ', '.join(names))
       with self.timer('train', len(group)):
-        self.train_many_fn([self.train_configs[method, n] for n in names],
+        self.train_many_fn([self.train_configs[method, n, seed] for n in names],
                            [run_dir for _, run_dir, _ in group])
       for name, run_dir, record in group:
         ledger_lib.finish_run(run_dir, record, method, name)
 
-  def _method(self, spec: plan.SubjectSpec, method: str, todo: Sequence[int],
-              refs: scorer_lib.References, bar) -> None:
+  def _method(self, spec: plan.SubjectSpec, method: str, train_seed: int | None,
+              todo: Sequence[int], refs: scorer_lib.References, bar) -> None:
     """Generates, saves, scores and records the unfinished prompts `todo`."""
     from dpg_jax import sample as sample_lib  # pylint: disable=g-import-not-at-top
     from dpg_jax import sampling  # pylint: disable=g-import-not-at-top
     config, s = self.config, self.config.sample
     subject, name = spec.subject, spec.subject.name
     prompts, seeds, ipp = self.prompts[name], self.seeds, len(self.seeds)
-    cfg = self.train_configs[method, name]
-    run_dir = self._trained_run(cfg, method, name)
+    run = method, name, train_seed
+    cfg, fp = self.train_configs[run], self.fingerprints[run][0]
+    run_dir = self._trained_run(cfg, method, name, train_seed)
     export_dir = os.path.join(run_dir, 'export')
     with self.timer('load_model'):
       sd, params, _ = sample_lib.load_trained(run_dir, cfg)
     sampler = self._sampler(sd, export_dir, s.resolution or cfg.data.resolution)
     # One folder per training fingerprint: other settings' units keep their files.
-    image_dir = os.path.join('images', method, name, self.fingerprints[method, name][0])
+    image_dir = os.path.join('images', plan.run_name(method, name, train_seed), fp)
+    seed_field = {} if train_seed is None else {'train_seed': train_seed}
     out_dir = os.path.join(self.workdir, image_dir)
     # Several prompts per sampler call fill its batch; each is recorded alone.
     per_call = max(1, s.batch_size // ipp)
@@ -321,7 +347,7 @@ class Evaluator:
           scores = self.scorer.score(imgs, clip_t_prompt, refs)
         self._record({
             'kind': 'prompt', 'subject': name, 'method': method, 'prompt_index': i,
-            'train_fingerprint': self.fingerprints[method, name][0],
+            'train_fingerprint': fp, **seed_field,
             'prompt': prompts[i], 'clip_t_prompt': clip_t_prompt, 'live': subject.live,
             'class_noun': subject.class_noun, 'seeds': seeds, 'num_images': ipp,
             'files': [os.path.join(image_dir, n) for n in names], **scores})

@@ -4,8 +4,9 @@
   eval_settings.json              the settings of its units, written with the first
   runs/<method>/<subject>/train_fingerprint.json   a finished run's training settings
   runs/<method>/<subject>/train_attempt.json       ... of the attempt in progress
+  (with config key train_seeds: runs/<method>/<subject>/seed<k>/...)
 
-A unit is (subject, method, prompt, training fingerprint); a line is appended
+A unit is (subject, method, prompt, training fingerprint[, training seed]); a line is appended
 only once the unit's images are on disk, so a killed evaluation rerun with the
 same command continues at the first unit missing from the ledger. A run's
 fingerprint file is written only once it finished and eval_settings.json only
@@ -30,13 +31,20 @@ TRAIN_ATTEMPT = 'train_attempt.json'          # ... of the attempt in progress (
 # -----------------------------------------------------------------------------
 # Finished units: one JSON line each, appended atomically.
 # -----------------------------------------------------------------------------
+def unit_key(subject: str, method: str, prompt_index: int, fingerprint: str | None,
+             train_seed: int | None = None) -> tuple:
+  """The key of a prompt unit; a training seed (config key train_seeds) is part of it."""
+  key = ('prompt', subject, method, int(prompt_index), fingerprint)
+  return key if train_seed is None else key + (int(train_seed),)
+
+
 def record_key(record: dict) -> tuple:
   if record['kind'] == 'real':
     return ('real', record['subject'])
   # Units of other training settings (or of ledgers older than fingerprints,
   # None) are other units: never reused for the current settings.
-  return ('prompt', record['subject'], record['method'], int(record['prompt_index']),
-          record.get('train_fingerprint'))
+  return unit_key(record['subject'], record['method'], record['prompt_index'],
+                  record.get('train_fingerprint'), record.get('train_seed'))
 
 
 class Ledger:
@@ -114,7 +122,7 @@ def workdir_lock(workdir: str):
 def eval_settings(config) -> dict:
   """What makes two evaluations' units comparable (checked on resume)."""
   s = config.sample
-  return {
+  settings = {
       'images_per_prompt': int(config.images_per_prompt),
       'seed': int(config.seed),
       'identifier': config.identifier,
@@ -124,6 +132,9 @@ def eval_settings(config) -> dict:
       'dino_model': 'tiny' if config.scorer.tiny else config.scorer.dino_model,
       'clip_model': 'tiny' if config.scorer.tiny else config.scorer.clip_model,
   }
+  if config.scorer.get('judge'):  # absent when off: older workdirs keep their settings
+    settings['judge'] = config.scorer.judge
+  return settings
 
 
 def check_settings(workdir: str, settings: dict) -> None:

@@ -1,5 +1,8 @@
 """What an evaluation runs: its subjects, and each (method, subject)'s training config.
 
+With `train_seeds`, each (method, subject, seed) is its own run, trained with
+`seed` overridden into runs/<method>/<subject>/seed<k> (`run_name`).
+
 The training fingerprint hashes the resolved training config of (method,
 subject) without the fields that cannot change the trained weights
 (`RESULT_NEUTRAL_KEYS`: logging, checkpointing, previews, devices). A changed
@@ -30,6 +33,7 @@ class SubjectSpec:
   """A subject to evaluate and how its training run finds the photos."""
   subject: Any                     # datasets.Subject
   data_overrides: dict             # fields of the training config's `data`
+  attributes: dict | None = None   # a toy-world subject's {judge head: value}
 
 
 def select_subjects(requested: Sequence[str], available: Sequence[str],
@@ -81,8 +85,12 @@ def resolve_subjects(config, workdir: str) -> tuple[list[SubjectSpec], list[str]
   specs = []
   for name in names:
     subject = datasets.load_subject(name, dataset=config.dataset, manual_dir=manual_dir)
+    attributes = None
+    if config.dataset == 'toyworld':  # what the judge reads (scorer.judge)
+      from dpg_jax.toyworld import subjects as toy_subjects  # pylint: disable=g-import-not-at-top
+      attributes = toy_subjects.get(name).attributes
     specs.append(SubjectSpec(subject, {'subject': name, 'dataset': config.dataset,
-                                       'dataset_dir': config.dataset_dir}))
+                                       'dataset_dir': config.dataset_dir}, attributes))
   return specs, missing
 
 
@@ -157,8 +165,22 @@ def training_fingerprint(cfg, workdir: str) -> tuple[str, dict]:
   return _short_hash(fields), fields
 
 
-def training_config(config, method: str, spec: SubjectSpec, workdir: str):
-  """The training config of (method, subject): method file + overrides + subject."""
+def training_seeds(config) -> list:
+  """The training seeds of an evaluation: config.train_seeds, or [None] (each
+  method's own `seed`, one run per (method, subject))."""
+  return list(config.get('train_seeds', ())) or [None]
+
+
+def run_name(method: str, subject: str, seed: int | None) -> str:
+  """'<method>/<subject>' or, with training seeds, '<method>/<subject>/seed<k>'."""
+  return os.path.join(method, subject) if seed is None else os.path.join(
+      method, subject, f'seed{seed}')
+
+
+def training_config(config, method: str, spec: SubjectSpec, workdir: str,
+                    seed: int | None = None):
+  """The training config of (method, subject[, training seed]): method file +
+  overrides + subject (+ `seed` overridden)."""
   if method not in config.method_configs:
     raise ValueError(f'config key methods: unknown method {method!r}; config key '
                      f'method_configs has {sorted(config.method_configs)}.')
@@ -177,6 +199,9 @@ def training_config(config, method: str, spec: SubjectSpec, workdir: str):
     # One tiny base model for all runs instead of one per run directory.
     cfg.model.pretrained = os.path.join(workdir, 'pretrained',
                                         f'tiny_{cfg.model.tiny}_seed{cfg.seed}')
+  if seed is not None:
+    # After the base model's path: every training seed starts from the same base.
+    cfg.seed = int(seed)
   if config.share_class_images and cfg.prior_preservation and not d.class_dir:
     # Class images depend on the base model, class prompt and sampling only:
     # methods that share these reuse one set.

@@ -8,6 +8,13 @@ Metrics (DreamBooth paper, Sec. 4.1), raw cosine similarities (no x100, x2.5):
           identifier removed and each generated image;
   Real images: each reference photo against the subject's other photos
           (self-pairs excluded), DINO and CLIP-I only.
+Toy-world subjects (config key scorer.judge), the toy world's judge
+(dpg_jax/toyworld/judge.py) adds:
+  judge_subject  its mean probability of the subject's attributes (class,
+                 colours, pattern, mark) per image, `judge.attribute_score`;
+                 the real-image row gets it on the reference photos;
+  judge_context  the fraction of images whose context argmax is the context
+                 the prompt names (None for prompts that name none).
 The maths are pure, jit-able functions of embeddings; `Scorer` holds the two
 encoders, each compiled once, and turns images into those numbers.
 """
@@ -24,6 +31,10 @@ import numpy as np
 from dpg_jax import encoders
 
 METRICS = ('dino', 'clip_i', 'clip_t')
+# Toy-world subjects with config key scorer.judge ('judge_': records name their subject
+# under 'subject').
+JUDGE_METRICS = ('judge_subject', 'judge_context')
+JUDGE_RESOLUTION = 64                    # the judge reads 64 x 64 scenes
 
 
 # -----------------------------------------------------------------------------
@@ -75,6 +86,39 @@ class References:
   """A subject's reference embeddings (computed once per subject)."""
   dino: np.ndarray   # [R, D]
   clip: np.ndarray   # [R, P]
+  # With the judge: the toy subject's attributes ({head: value}) and the
+  # judge's per-photo score of them [R].
+  attributes: dict | None = None
+  judge_subject: np.ndarray | None = None
+
+
+def validate_judge(config) -> None:
+  """Config key scorer.judge: '' (off), 'toyworld' or a file, on toy-world subjects only."""
+  judge = config.scorer.get('judge', '')
+  if not judge:
+    return
+  if judge != 'toyworld' and not os.path.isfile(judge):
+    raise ValueError(f'config key scorer.judge={judge!r}: expected \'\' (off), \'toyworld\' '
+                     '(the shipped judge) or a judge .msgpack file.')
+  if config.dataset != 'toyworld' or config.synthetic_subjects > 0:
+    raise ValueError(f'config key scorer.judge={judge!r}: the judge reads toy-world subjects '
+                     f'only (config key dataset={config.dataset!r}, synthetic_subjects='
+                     f'{config.synthetic_subjects}); set dataset=\'toyworld\' or '
+                     'scorer.judge=\'\'.')
+
+
+def _judge_pixels(images) -> np.ndarray:
+  """uint8 [N, 64, 64, 3] of images (uint8 or float [-1, 1], any square size)."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  out = []
+  for im in images:
+    im = np.asarray(im)
+    if im.dtype != np.uint8:
+      im = np.clip(np.round((im.astype(np.float32) + 1) * 127.5), 0, 255).astype(np.uint8)
+    if im.shape[:2] != (JUDGE_RESOLUTION, JUDGE_RESOLUTION):
+      im = np.asarray(Image.fromarray(im).resize((JUDGE_RESOLUTION,) * 2, Image.BICUBIC))
+    out.append(im)
+  return np.stack(out)
 
 
 class Scorer:
@@ -86,10 +130,11 @@ class Scorer:
   """
 
   def __init__(self, dino: encoders.DinoEncoder, dino_params, clip: encoders.ClipEncoder,
-               clip_params, *, batch_size: int = 16):
+               clip_params, *, batch_size: int = 16, judge_params=None):
     if batch_size < 1:
       raise ValueError(f'config key scorer.batch_size={batch_size}: expected >= 1.')
     self.dino, self.clip = dino, clip
+    self.judge_params = judge_params  # None: no judge metrics
     self.params = {'dino': dino_params, 'clip': clip_params}
     self.batch_size = int(batch_size)
     self.trace_counts = collections.Counter()  # tests assert one compile per encoder
@@ -105,12 +150,31 @@ class Scorer:
 
   @classmethod
   def load(cls, dino_model: str, clip_model: str, *, batch_size: int = 16,
-           dtype: str = 'float32') -> 'Scorer':
+           dtype: str = 'float32', judge: str = '') -> 'Scorer':
+    """judge: '' (none), 'toyworld' (the shipped toy-world judge) or a judge file."""
     dino, dino_params = encoders.load_dino(dino_model, dtype=dtype,
                                            config_key='scorer.dino_model')
     clip, clip_params = encoders.load_clip(clip_model, dtype=dtype,
                                            config_key='scorer.clip_model')
-    return cls(dino, dino_params, clip, clip_params, batch_size=batch_size)
+    judge_params = None
+    if judge:
+      from dpg_jax.toyworld import judge as judge_lib  # pylint: disable=g-import-not-at-top
+      judge_params = judge_lib.load(None if judge == 'toyworld' else judge)
+    return cls(dino, dino_params, clip, clip_params, batch_size=batch_size,
+               judge_params=judge_params)
+
+  def judge_probabilities(self, images) -> dict:
+    """{judge head: [N, n] probabilities} of images (resized to the judge's 64 px)."""
+    from dpg_jax.toyworld import judge as judge_lib  # pylint: disable=g-import-not-at-top
+    return judge_lib.probabilities(self.judge_params, _judge_pixels(images),
+                                   batch_size=self.batch_size)
+
+  def judge_subject(self, probs: dict, attributes: dict) -> np.ndarray:
+    """[N] the judge's per-image score of `attributes` (`judge.attribute_score`)."""
+    from dpg_jax.toyworld import judge as judge_lib  # pylint: disable=g-import-not-at-top
+    n = len(next(iter(probs.values())))
+    return np.asarray([judge_lib.attribute_score({h: p[i:i + 1] for h, p in probs.items()},
+                                                 attributes) for i in range(n)])
 
   def _batched(self, fn, params, rows: np.ndarray) -> np.ndarray:
     """fn(params, rows) in chunks of batch_size, the last padded with zeros."""
@@ -139,9 +203,15 @@ class Scorer:
     ids = self.clip.tokenize(list(prompts))
     return self._batched(self._text, self.params['clip'], ids)
 
-  def references(self, images) -> References:
-    return References(dino=self.embed_images('dino', images),
-                      clip=self.embed_images('clip', images))
+  def references(self, images, attributes: dict | None = None) -> References:
+    """The subject's embeddings; with a judge and a toy subject's `attributes`, also
+    the judge's score of them on each photo."""
+    judged = self.judge_params is not None and attributes
+    return References(
+        dino=self.embed_images('dino', images), clip=self.embed_images('clip', images),
+        attributes=dict(attributes) if judged else None,
+        judge_subject=self.judge_subject(self.judge_probabilities(images), attributes)
+        if judged else None)
 
   def score(self, images, clip_t_prompt: str, refs: References) -> dict:
     """Per-image and mean DINO / CLIP-I / CLIP-T of one prompt's images.
@@ -152,9 +222,23 @@ class Scorer:
     per_image = jax.device_get(_prompt_metrics(
         self.embed_images('dino', images), refs.dino,
         self.embed_images('clip', images), refs.clip, text))
-    out = {m: float(np.mean(per_image[m])) for m in METRICS}
-    out['per_image'] = {m: [float(v) for v in per_image[m]] for m in METRICS}
+    per_image = {m: np.asarray(per_image[m]) for m in METRICS}
+    if refs.attributes is not None:
+      per_image.update(self._judge_metrics(images, clip_t_prompt, refs.attributes))
+    out = {m: None if v is None else float(np.mean(v)) for m, v in per_image.items()}
+    out['per_image'] = {m: None if v is None else [float(x) for x in v]
+                        for m, v in per_image.items()}
     return out
+
+  def _judge_metrics(self, images, prompt: str, attributes: dict) -> dict:
+    """{'judge_subject': [N], 'judge_context': [N] 0/1 or None where the prompt names
+    no context}."""
+    from dpg_jax.toyworld import checks  # pylint: disable=g-import-not-at-top
+    probs = self.judge_probabilities(images)
+    context = int(checks.prompt_contexts([prompt])[0])
+    hit = None if context < 0 else (np.argmax(probs['context'], -1) == context).astype(
+        np.float64)
+    return {'judge_subject': self.judge_subject(probs, attributes), 'judge_context': hit}
 
   def real_images(self, refs: References) -> dict:
     """The 'Real images' upper bound of one subject (self-pairs excluded).
@@ -162,7 +246,10 @@ class Scorer:
     None where the subject has a single photo (no pair to compare).
     """
     m = jax.device_get(_real_metrics(refs.dino, refs.clip))
-    return {k: None if np.isnan(v) else float(v) for k, v in m.items()}
+    out = {k: None if np.isnan(v) else float(v) for k, v in m.items()}
+    if refs.judge_subject is not None:  # the judge on the photos themselves (no pairs)
+      out['judge_subject'] = float(np.mean(refs.judge_subject))
+    return out
 
 
 def make_scorer(config, workdir: str) -> Scorer:
@@ -173,4 +260,5 @@ def make_scorer(config, workdir: str) -> Scorer:
     base = os.path.join(workdir, 'tiny_encoders')
     dino_model = encoders.build_tiny_dino(os.path.join(base, 'dino'), seed=config.seed)
     clip_model = encoders.build_tiny_clip(os.path.join(base, 'clip'), seed=config.seed)
-  return Scorer.load(dino_model, clip_model, batch_size=sc.batch_size)
+  return Scorer.load(dino_model, clip_model, batch_size=sc.batch_size,
+                     judge=sc.get('judge', ''))
