@@ -371,7 +371,7 @@ def _subject_spec(tmp_path):
 def test_eval_configs_and_training_configs(tmp_path):
   from dpg_jax import train  # pylint: disable=g-import-not-at-top
   spec = _subject_spec(tmp_path)
-  for name in ('eval_dreambench', 'eval_tiny'):
+  for name in ('eval_dreambench', 'eval_tiny', 'eval_toy'):
     config = plan.load_config_file(f'configs/{name}.py')
     evaluation.validate_config(config)
     for method in config.method_configs:
@@ -395,6 +395,17 @@ def test_eval_configs_and_training_configs(tmp_path):
   tiny.method_configs.random_tiny = str(random_tiny)
   r = plan.training_config(tiny, 'random_tiny', spec, str(tmp_path))
   assert r.model.pretrained == str(tmp_path / 'pretrained' / 'tiny_tiny_seed0')
+  # Training seeds: `seed` overridden, the same base, class images of their own.
+  r5 = plan.training_config(tiny, 'random_tiny', spec, str(tmp_path), seed=5)
+  assert r5.seed == 5 and r5.model.pretrained == r.model.pretrained
+  assert r5.data.class_dir != r.data.class_dir
+  toy = plan.load_config_file('configs/eval_toy.py')
+  assert toy.train_seeds == (0, 1, 2) and toy.scorer.judge == 'toyworld'
+  dino, clip_t = (plan.training_config(toy, m, spec, str(tmp_path), seed=1)
+                  for m in ('toy_dpg_dino', 'toy_dpg_clip_t'))
+  assert (dino.dpg.rewards, clip_t.dpg.rewards) == ('dino:1.0', 'clip_text:1.0')
+  assert dino.dpg.dino_model == clip_t.dpg.clip_model == 'toyworld' and dino.seed == 1
+  assert dino.dpg.instance_mse_weight == clip_t.dpg.instance_mse_weight == 1.0
   full = plan.load_config_file('configs/eval_dreambench.py')
   assert plan.training_config(full, 'dreambooth', spec, str(tmp_path)).num_steps == 1000
   full.train.unknown_key = 1
