@@ -277,3 +277,32 @@ def test_pretrain_fit_resumed_equals_uninterrupted_and_sums_its_seconds(tmp_path
   rows = [json.loads(l) for l in open(tmp_path / 'b' / 'metrics.jsonl')]
   assert [r['step'] for r in rows] == list(range(1, 21))
   assert all(a['s'] <= b['s'] for a, b in zip(rows, rows[1:]))  # time keeps counting up
+
+
+@pytest.mark.slow
+@_SHIPPED
+def test_the_dino_and_clip_stages_write_encoders_that_load_and_measure(tmp_path):
+  """--stage=dino then --stage=clip at toy sizes, on the shipped VAE (as <workdir>/vae/pipeline):
+  each writes a HF directory the encoders load, and a done.json with its measures."""
+  from dpg_jax.toyworld import pretrain  # pylint: disable=g-import-not-at-top
+  config = pretrain.get_config()
+  config.num_scenes, config.chunk, config.checkpoint_every, config.log_every = 40, 40, 2, 1
+  config.dino.update(steps=2, batch_groups=2, group_size=2, pool_groups=3, views=2,
+                     eval_identities=6)
+  config.clip.update(steps=2, batch_size=8, eval_scenes=12)
+  config.judge.recon_scenes = 8
+  os.makedirs(tmp_path / 'vae')
+  os.symlink(weights.BASE_DIR, tmp_path / 'vae' / 'pipeline')
+  pretrain.run(str(tmp_path), config, 'dino')
+  pretrain.run(str(tmp_path), config, 'clip')
+  dino = json.load(open(tmp_path / 'dino' / 'done.json'))
+  clip = json.load(open(tmp_path / 'clip' / 'done.json'))
+  assert dino['steps'] == 2 and 0 <= dino['retrieval']['held_out_top1'] <= 1
+  assert {'subjects_loo_top1', 'subjects_cos_same', 'held_out_top1_vae'} <= set(dino['retrieval'])
+  assert set(clip['zero_shot']['chance']) == {'cls', 'colour', 'context'}
+  views = np.load(tmp_path / 'dino' / 'views.npz')['views']
+  assert views.shape == (6, 2, 64, 64, 3)
+  enc, _ = encoders.load_dino(str(tmp_path / 'dino' / 'model'))
+  assert enc.image_size == 64
+  enc, _ = encoders.load_clip(str(tmp_path / 'clip' / 'model'))
+  assert enc.max_length == 32 and enc.tokenize(['a sks star']).shape == (1, 32)
