@@ -6,16 +6,18 @@ metrics (evaluation). Everything after loading is a pure, jit-able function of
 
 Image convention (as everywhere in dpg_jax): NHWC float in [-1, 1]; uint8
 [0, 255] is accepted too (the dtype is static, so this is resolved at trace
-time). Preprocessing follows the public DreamBench evaluation code:
-  * DINO: bicubic resize of the shortest side to 256, center crop 224,
+time). Preprocessing follows the public DreamBench evaluation code, at the
+model's own input size S (`image_size` in its config; 224 for the real ones):
+  * DINO: bicubic resize of the shortest side to S / 0.875 (256), center crop S,
     ImageNet mean/std;
-  * CLIP: bicubic resize of the shortest side to 224, center crop 224,
+  * CLIP: bicubic resize of the shortest side to S (224), center crop S,
     CLIP mean/std.
 Resizing is antialiased when downscaling, like PIL's BICUBIC filter.
 
 Weights load WITHOUT torch from a hub id, a local HF directory
 (flax_model.msgpack, model.safetensors or pytorch_model.bin) or, for DINO, an
-original DINO checkpoint file (`dino_deitsmall16_pretrain.pth`). Parameters
+original DINO checkpoint file (`dino_deitsmall16_pretrain.pth`), or by name:
+'toyworld' is the toy DINO / CLIP shipped in dpg_jax/toyworld/shipped. Parameters
 are always float32; `dtype` is the compute dtype.
 """
 import collections
@@ -126,15 +128,23 @@ def preprocess(images, *, resize: int, crop: int, mean: Sequence[float],
   return (x - mean) / std
 
 
-def preprocess_dino(images) -> jnp.ndarray:
-  """DINO eval transform: resize 256, center crop 224, ImageNet mean/std."""
-  return preprocess(images, resize=256, crop=224, mean=IMAGENET_MEAN,
-                    std=IMAGENET_STD)
+def dino_resize(image_size: int) -> int:
+  """Shortest side before DINO's center crop: 256 for 224 (a 0.875 crop)."""
+  return int(round(image_size * 256 / 224))
 
 
-def preprocess_clip(images) -> jnp.ndarray:
-  """CLIP transform: resize 224, center crop 224, CLIP mean/std."""
-  return preprocess(images, resize=224, crop=224, mean=CLIP_MEAN, std=CLIP_STD)
+def preprocess_dino(images, image_size: int = 224) -> jnp.ndarray:
+  """DINO eval transform at the model's input size: resize the shortest side to
+  dino_resize(image_size) (256 for 224), center crop image_size, ImageNet mean/std."""
+  return preprocess(images, resize=dino_resize(image_size), crop=image_size,
+                    mean=IMAGENET_MEAN, std=IMAGENET_STD)
+
+
+def preprocess_clip(images, image_size: int = 224) -> jnp.ndarray:
+  """CLIP transform: resize the shortest side to image_size (224), center crop
+  image_size, CLIP mean/std."""
+  return preprocess(images, resize=image_size, crop=image_size, mean=CLIP_MEAN,
+                    std=CLIP_STD)
 
 
 # -----------------------------------------------------------------------------
@@ -192,10 +202,10 @@ class DinoEncoder:
     return self.module.init(jax.random.PRNGKey(0), x)['params']
 
   def preprocess(self, images) -> jnp.ndarray:
-    return preprocess_dino(images)
+    return preprocess_dino(images, self.image_size)
 
   def embed(self, params: Params, pixels) -> jnp.ndarray:
-    """Preprocessed NHWC pixels [B, 224, 224, 3] -> [CLS] float32 [B, D]."""
+    """Preprocessed NHWC pixels [B, S, S, 3] (S = image_size) -> [CLS] float32 [B, D]."""
     hidden = self.module.apply({'params': params}, jnp.asarray(pixels, jnp.float32),
                                deterministic=True, return_dict=False)[0]
     return hidden[:, 0].astype(jnp.float32)
@@ -248,7 +258,7 @@ class ClipEncoder:
     return np.asarray(ids, np.int32)
 
   def preprocess(self, images) -> jnp.ndarray:
-    return preprocess_clip(images)
+    return preprocess_clip(images, self.image_size)
 
   def image_features(self, params: Params, pixels) -> jnp.ndarray:
     """Preprocessed NHWC pixels -> projected image features float32 [B, P]."""
@@ -310,13 +320,31 @@ def _snapshot(repo_id: str, *, what: str, config_key) -> str:
       f'{what} hub repo {_where(repo_id, config_key)} has none of {_HF_WEIGHT_FILES}.')
 
 
+def _toyworld_encoder(what: str) -> str:
+  from dpg_jax.toyworld import weights as toy_weights  # pylint: disable=g-import-not-at-top
+  return toy_weights.DINO_DIR if what == 'DINO model' else toy_weights.CLIP_DIR
+
+
+# Encoders shipped inside the package, by name -> fn(what) -> directory (as
+# models.NAMED_MODELS; a local directory of the same name wins, hub ids always
+# contain a '/').
+NAMED_ENCODERS = {'toyworld': _toyworld_encoder}
+
+
 def _resolve(path_or_hub: str, *, what: str, config_key) -> str:
-  """Local file or directory for a path or hub id; clear errors otherwise."""
+  """Local file or directory for a path, hub id or shipped name; clear errors otherwise."""
   if not path_or_hub:
     raise ValueError(f'{what}: empty path or hub id {_where(path_or_hub, config_key)}.')
   path = os.path.expanduser(str(path_or_hub))
   if os.path.exists(path):
     return path
+  if path in NAMED_ENCODERS:
+    shipped = NAMED_ENCODERS[path](what)
+    if not os.path.isdir(shipped):
+      raise FileNotFoundError(
+          f'{what} {_where(path, config_key)}: the shipped toy-world encoder is missing at '
+          f'{shipped}; rebuild it with python -m dpg_jax.toyworld.pretrain (see the README).')
+    return shipped
   if _HUB_ID.match(path) and not path.startswith(('.', '~')):
     return _snapshot(path, what=what, config_key=config_key)
   raise FileNotFoundError(

@@ -139,6 +139,27 @@ def test_preprocess_matches_pil(kind, hw):
   assert err.mean() < PIL_MEAN_ABS, err.mean() * 255
 
 
+@pytest.mark.parametrize('kind', ['dino', 'clip'])
+def test_preprocess_follows_the_models_input_size(kind):
+  """A 64-px encoder (the toy world's) gets the same transform at its size:
+  DINO resizes to 64 / 0.875 = 73 and crops 64, CLIP resizes and crops 64."""
+  fn, resize, mean, std = {
+      'dino': (encoders.preprocess_dino, 73, encoders.IMAGENET_MEAN, encoders.IMAGENET_STD),
+      'clip': (encoders.preprocess_clip, 64, encoders.CLIP_MEAN, encoders.CLIP_STD),
+  }[kind]
+  images = _smooth_images(np.random.default_rng(1), 2, 96, 80)
+  want = np.stack([_pil_reference(im, resize, 64, mean, std) for im in images])
+  err = np.abs(np.asarray(fn(images, 64)) - want) * np.asarray(std, np.float32)
+  assert err.max() < PIL_MAX_ABS, err.max() * 255
+  config = encoders.dino_vits16_config(hidden_size=32, num_hidden_layers=1,
+                                       num_attention_heads=2, intermediate_size=64,
+                                       patch_size=8, image_size=64)
+  if kind == 'dino':
+    got = encoders.DinoEncoder(config).preprocess(images)
+    np.testing.assert_allclose(got, fn(images, 64), atol=1e-6)
+  assert encoders.dino_resize(224) == 256 and encoders.dino_resize(64) == 73
+
+
 def test_preprocess_float_and_uint8_agree():
   images = _smooth_images(np.random.default_rng(0), 1, 256, 256)
   a = encoders.preprocess_dino(images)

@@ -8,9 +8,11 @@ import numpy as np
 import pytest
 
 from dpg_jax import data as data_lib
+from dpg_jax import encoders
 from dpg_jax import models
 from dpg_jax.datasets import loading
 from dpg_jax.datasets import subjects as subjects_ds
+from dpg_jax.toyworld import contrastive
 from dpg_jax.toyworld import judge as judge_lib
 from dpg_jax.toyworld import model as model_lib
 from dpg_jax.toyworld import subjects
@@ -19,6 +21,15 @@ from dpg_jax.toyworld import world
 
 # Half the measured rise of configs/tiny.py (0.31 -> 0.55 on 13 prompts x 1 seed).
 DREAMBOOTH_MARGIN = 0.12
+# The shipped toy DINO / CLIP, below their figures measured on these test sets:
+# subject leave-one-out top-1 100%, cosine same 0.89 vs other -0.05, 24
+# held-out objects top-1 62% (chance 4%); CLIP zero-shot on 72 scenes: context
+# 100%, colour 28% (chance 14%; 36% on 240), class at chance (README).
+DINO_SUBJECT_TOP1 = 0.9
+DINO_COS_GAP = 0.5
+DINO_HELD_OUT_TOP1 = 0.4
+CLIP_CONTEXT = 0.9
+CLIP_COLOUR = 0.2
 
 
 # -- generator -----------------------------------------------------------------
@@ -118,7 +129,7 @@ _SHIPPED = pytest.mark.skipif(not os.path.isfile(weights.RECORD_PATH),
 @_SHIPPED
 def test_shipped_weights_match_their_record_and_load():
   rec = weights.verify()
-  assert set(rec['stages']) == {'vae', 'unet', 'judge'}
+  assert set(rec['stages']) == {'vae', 'unet', 'judge', 'dino', 'clip'}
   size = sum(os.path.getsize(os.path.join(weights.WEIGHTS_DIR, f)) for f in rec['files'])
   assert size <= 30e6, size
   sd, params = models.load_stable_diffusion('toyworld')   # the loader's name for BASE_DIR
@@ -137,6 +148,38 @@ def test_shipped_weights_match_their_record_and_load():
   acc['colour'] = float(np.mean(np.argmax(probs['colour'][plain], -1) ==
                                 labels['colour'][plain]))
   assert acc['cls'] > 0.8 and acc['colour'] > 0.9 and acc['context'] > 0.95, acc
+
+
+@_SHIPPED
+def test_the_shipped_dino_tells_the_toy_subjects_apart():
+  """Through the loader every user goes through (encoders.load_dino('toyworld')):
+  each subject photo's nearest neighbour among the other 39 photos of the 8
+  subjects is a photo of the same subject, and photos of one subject are closer
+  than photos of two (the gap DreamBench's DINO metric reads)."""
+  encoder, params = encoders.load_dino('toyworld')
+  assert encoder.image_size == 64
+  r = contrastive.dino_retrieval(encoder, params, num_identities=24)
+  assert r['subjects_loo_top1'] > DINO_SUBJECT_TOP1, r
+  assert r['subjects_cos_same'] > r['subjects_cos_other'] + DINO_COS_GAP, r
+  assert r['held_out_top1'] > DINO_HELD_OUT_TOP1, r   # 24 objects, 2 per held-out triple
+
+
+@_SHIPPED
+def test_the_shipped_clip_reads_context_and_colour_zero_shot():
+  encoder, params = encoders.load_clip('toyworld')
+  z = contrastive.clip_zero_shot(encoder, params, num_scenes=72)
+  assert z['context'] > CLIP_CONTEXT and z['colour'] > CLIP_COLOUR, z
+
+
+def test_named_encoders_are_the_shipped_ones_or_say_how_to_rebuild(monkeypatch, tmp_path):
+  missing = str(tmp_path / 'nothing')
+  monkeypatch.setitem(encoders.NAMED_ENCODERS, 'toyworld', lambda what: missing)
+  with pytest.raises(FileNotFoundError, match=f"'toyworld' \\(from config key "
+                     f"'dpg.dino_model'\\).*{missing}.*dpg_jax.toyworld.pretrain"):
+    encoders.load_dino('toyworld', config_key='dpg.dino_model')
+  monkeypatch.undo()
+  assert encoders.NAMED_ENCODERS['toyworld']('DINO model') == weights.DINO_DIR
+  assert encoders.NAMED_ENCODERS['toyworld']('CLIP model') == weights.CLIP_DIR
 
 
 def test_the_named_model_is_the_shipped_base_or_says_how_to_rebuild(monkeypatch, tmp_path):
@@ -234,3 +277,32 @@ def test_pretrain_fit_resumed_equals_uninterrupted_and_sums_its_seconds(tmp_path
   rows = [json.loads(l) for l in open(tmp_path / 'b' / 'metrics.jsonl')]
   assert [r['step'] for r in rows] == list(range(1, 21))
   assert all(a['s'] <= b['s'] for a, b in zip(rows, rows[1:]))  # time keeps counting up
+
+
+@pytest.mark.slow
+@_SHIPPED
+def test_the_dino_and_clip_stages_write_encoders_that_load_and_measure(tmp_path):
+  """--stage=dino then --stage=clip at toy sizes, on the shipped VAE (as <workdir>/vae/pipeline):
+  each writes a HF directory the encoders load, and a done.json with its measures."""
+  from dpg_jax.toyworld import pretrain  # pylint: disable=g-import-not-at-top
+  config = pretrain.get_config()
+  config.num_scenes, config.chunk, config.checkpoint_every, config.log_every = 40, 40, 2, 1
+  config.dino.update(steps=2, batch_groups=2, group_size=2, pool_groups=3, views=2,
+                     eval_identities=6)
+  config.clip.update(steps=2, batch_size=8, eval_scenes=12)
+  config.judge.recon_scenes = 8
+  os.makedirs(tmp_path / 'vae')
+  os.symlink(weights.BASE_DIR, tmp_path / 'vae' / 'pipeline')
+  pretrain.run(str(tmp_path), config, 'dino')
+  pretrain.run(str(tmp_path), config, 'clip')
+  dino = json.load(open(tmp_path / 'dino' / 'done.json'))
+  clip = json.load(open(tmp_path / 'clip' / 'done.json'))
+  assert dino['steps'] == 2 and 0 <= dino['retrieval']['held_out_top1'] <= 1
+  assert {'subjects_loo_top1', 'subjects_cos_same', 'held_out_top1_vae'} <= set(dino['retrieval'])
+  assert set(clip['zero_shot']['chance']) == {'cls', 'colour', 'context'}
+  views = np.load(tmp_path / 'dino' / 'views.npz')['views']
+  assert views.shape == (6, 2, 64, 64, 3)
+  enc, _ = encoders.load_dino(str(tmp_path / 'dino' / 'model'))
+  assert enc.image_size == 64
+  enc, _ = encoders.load_clip(str(tmp_path / 'clip' / 'model'))
+  assert enc.max_length == 32 and enc.tokenize(['a sks star']).shape == (1, 32)

@@ -1,4 +1,4 @@
-r"""Pretrains every shipped toy-world model: VAE, then UNet + text encoder, then the judge.
+r"""Pretrains every shipped toy-world model: VAE, UNet + text encoder, judge, DINO, CLIP.
 
   python -m dpg_jax.toyworld.pretrain --workdir=/tmp/toyworld            # all stages
   python -m dpg_jax.toyworld.pretrain --workdir=/tmp/toyworld --stage=vae
@@ -16,6 +16,9 @@ are skipped, a stage in progress resumes from its last checkpoint):
          caption dropped 10% of the time for classifier-free guidance; the
          exponential moving average of their weights is what the stage keeps.
   judge  the attribute classifier, on clean scenes and VAE reconstructions.
+  dino   the toy DINO: instance discrimination across new photos of one object
+         (contrastive.py); records its retrieval accuracy on held-out objects.
+  clip   the toy CLIP on (scene, caption) pairs; records its zero-shot accuracy.
   ship   the pipeline (diffusers layout), the judge and record.json (seeds,
          steps, final losses, timings, sha256 of every file) into --out.
 Deterministic: every batch is a pure function of (seed, stage, step).
@@ -36,19 +39,22 @@ from ml_collections import config_flags
 import numpy as np
 import optax
 import tqdm
+import transformers
 
 from dpg_jax import checkpoint as ckpt_lib
 from dpg_jax import data as data_lib
+from dpg_jax import encoders
 from dpg_jax import models
 from dpg_jax import optimizer as optimizer_lib
 from dpg_jax import sharding
 from dpg_jax import train as train_lib
+from dpg_jax.toyworld import contrastive
 from dpg_jax.toyworld import judge as judge_lib
 from dpg_jax.toyworld import model as model_lib
 from dpg_jax.toyworld import weights as weights_lib
 from dpg_jax.toyworld import world
 
-STAGES = ('data', 'vae', 'unet', 'judge', 'ship')
+STAGES = ('data', 'vae', 'unet', 'judge', 'dino', 'clip', 'ship')
 
 
 def get_config():
@@ -72,6 +78,17 @@ def get_config():
   c.judge = ml_collections.ConfigDict(dict(
       steps=2000, batch_size=64, learning_rate=3e-3, warmup_steps=50, recon_scenes=3000,
       eval_scenes=600))
+  # The toy DINO: batches of `batch_groups` groups of `group_size` objects (an
+  # object and its one-attribute neighbours), two of each object's `views`
+  # photos (a fixed pool, `recon_fraction` of them through the VAE).
+  c.dino = ml_collections.ConfigDict(dict(
+      steps=800, batch_groups=16, group_size=4, pool_groups=400, views=4, recon_fraction=0.5,
+      learning_rate=1e-3, warmup_steps=100, temperature=0.1, eval_identities=120))
+  # The toy CLIP: the rendered scenes and the judge stage's VAE reconstructions,
+  # captions redrawn every step.
+  c.clip = ml_collections.ConfigDict(dict(
+      steps=800, batch_size=128, learning_rate=1e-3, warmup_steps=100, caption_keep=0.8,
+      eval_scenes=240))
   c.checkpoint_every = 200
   c.log_every = 50
   return c
@@ -398,17 +415,25 @@ def _judge_loss(params, batch, rng):
   return sum(losses), metrics
 
 
+def reconstruction_pool(workdir, config, sd, vae_params, images, scenes):
+  """(scenes + VAE reconstructions of the last judge.recon_scenes, their Scenes).
+
+  Reconstructions stand in for their scenes: the judge and the toy CLIP see
+  both looks (generated images are decoded latents). Cached once, in judge/.
+  """
+  n = config.judge.recon_scenes
+  os.makedirs(os.path.join(workdir, 'judge'), exist_ok=True)
+  recs, = _cached_arrays(os.path.join(workdir, 'judge', 'reconstructions.npz'), ('images',),
+                         lambda: (reconstruct(sd, vae_params, images[-n:]),))
+  return np.concatenate([images, recs]), list(scenes) + list(scenes[-n:])
+
+
 def stage_judge(workdir, config, images, scenes):
   cfg = config.judge
   stage_dir = os.path.join(workdir, 'judge')
   os.makedirs(stage_dir, exist_ok=True)
   sd, params = models.load_stable_diffusion(os.path.join(workdir, 'vae', 'pipeline'))
-  recs, = _cached_arrays(
-      os.path.join(stage_dir, 'reconstructions.npz'), ('images',),
-      lambda: (reconstruct(sd, params['vae'], images[-cfg.recon_scenes:]),))
-  # Reconstructions stand in for their scenes: the judge sees both looks.
-  pool = np.concatenate([images, recs])
-  pool_scenes = list(scenes) + list(scenes[-cfg.recon_scenes:])
+  pool, pool_scenes = reconstruction_pool(workdir, config, sd, params['vae'], images, scenes)
   labels = world.label_arrays(pool_scenes)
   labels['secondary_valid'] = np.asarray([s.pattern != 'solid' for s in pool_scenes],
                                          np.float32)
@@ -460,6 +485,100 @@ def stage_judge(workdir, config, images, scenes):
 
 
 # --------------------------------------------------------------------------- #
+# The toy DINO and CLIP (contrastive.py)
+# --------------------------------------------------------------------------- #
+def _flip(x, rng):
+  """Each image of [..., H, W, C] mirrored left-right with probability 1/2."""
+  flip = rng.uniform(size=x.shape[:-3]) < 0.5
+  return np.where(flip[..., None, None, None], x[..., ::-1, :], x)
+
+
+def stage_dino(workdir, config):
+  cfg = config.dino
+  stage_dir = os.path.join(workdir, 'dino')
+  os.makedirs(stage_dir, exist_ok=True)
+  sd, params = models.load_stable_diffusion(os.path.join(workdir, 'vae', 'pipeline'))
+  recon = lambda x: reconstruct(sd, params['vae'], x)
+
+  def make_views():
+    ids = contrastive.identity_groups(np.random.default_rng([config.seed, 0xD1]),
+                                      cfg.pool_groups, cfg.group_size)
+    views = contrastive.render_views(ids, cfg.views, config.seed)
+    flat = views.reshape((-1,) + views.shape[2:])
+    pick = _rng(config, 'dino', 0).uniform(size=len(flat)) < cfg.recon_fraction
+    flat[pick] = recon(flat[pick])
+    return (flat.reshape(views.shape),)
+
+  views, = _cached_arrays(os.path.join(stage_dir, 'views.npz'), ('views',), make_views)
+  encoder = encoders.DinoEncoder(contrastive.dino_config())
+  opt = optimizer_lib.make_optimizer(optimizer_config(cfg, cfg.steps))
+  step = jax.jit(functools.partial(_simple_step, functools.partial(
+      contrastive.dino_loss, encoder, cfg.temperature), opt.tx), donate_argnums=(0,))
+
+  def batch_fn(s):
+    r = _rng(config, 'dino', s)
+    groups = r.choice(cfg.pool_groups, cfg.batch_groups, replace=False)
+    idx = (groups[:, None] * cfg.group_size + np.arange(cfg.group_size)).reshape(-1)
+    a = r.integers(cfg.views, size=len(idx))
+    b = (a + 1 + r.integers(cfg.views - 1, size=len(idx))) % cfg.views  # another photo
+    return {'views': data_lib.to_float_images(_flip(np.stack([views[idx, a], views[idx, b]]), r))}
+
+  state = _new_state(contrastive.init_params(encoder, config.seed), opt.tx)
+  state, last, train_seconds = fit('dino', stage_dir, state, step, batch_fn, cfg.steps, config)
+  t0 = time.perf_counter()
+  model_dir = contrastive.write_dino(os.path.join(stage_dir, 'model'), encoder.config,
+                                     state.params)
+  # Measured through the loader every user of the model goes through.
+  encoder, dino_params = encoders.load_dino(model_dir)
+  retrieval = contrastive.dino_retrieval(encoder, dino_params, recon_fn=recon,
+                                         num_identities=cfg.eval_identities)
+  record = {'steps': cfg.steps, 'final': last, 'retrieval': retrieval,
+            'seconds': _seconds(train_seconds, t0)}
+  _write_done(workdir, 'dino', record)
+  logging.info('DINO: %s', record)
+  return record
+
+
+def stage_clip(workdir, config, images, scenes):
+  cfg = config.clip
+  stage_dir = os.path.join(workdir, 'clip')
+  os.makedirs(stage_dir, exist_ok=True)
+  sd, params = models.load_stable_diffusion(os.path.join(workdir, 'vae', 'pipeline'))
+  pool, pool_scenes = reconstruction_pool(workdir, config, sd, params['vae'], images, scenes)
+  tok_dir = os.path.join(stage_dir, 'tokenizer')
+  model_lib.write_tokenizer(tok_dir)   # the toy SD's: one token per toy-world word
+  tokenizer = transformers.CLIPTokenizerFast.from_pretrained(tok_dir)
+  encoder = encoders.ClipEncoder(contrastive.clip_config(tokenizer), tokenizer)
+  opt = optimizer_lib.make_optimizer(optimizer_config(cfg, cfg.steps))
+  step = jax.jit(functools.partial(_simple_step, functools.partial(
+      contrastive.clip_loss, encoder), opt.tx), donate_argnums=(0,))
+  ids = {}
+
+  def batch_fn(s):
+    idx = data_lib.sample_indices(len(pool), step=s, seed=config.seed,
+                                  batch_size=cfg.batch_size, stream=4)
+    r = _rng(config, 'clip', s)
+    caps = [world.caption(pool_scenes[i], r, keep=cfg.caption_keep) for i in idx]
+    for c in set(caps) - set(ids):
+      ids[c] = encoder.tokenize([c])[0]
+    return {'images': data_lib.to_float_images(_flip(pool[idx], r)),
+            'ids': np.stack([ids[c] for c in caps])}
+
+  state = _new_state(contrastive.init_params(encoder, config.seed), opt.tx)
+  state, last, train_seconds = fit('clip', stage_dir, state, step, batch_fn, cfg.steps, config)
+  t0 = time.perf_counter()
+  model_dir = contrastive.write_clip(os.path.join(stage_dir, 'model'), encoder.config,
+                                     tokenizer, state.params)
+  encoder, clip_params = encoders.load_clip(model_dir)
+  zero_shot = contrastive.clip_zero_shot(encoder, clip_params, num_scenes=cfg.eval_scenes)
+  record = {'steps': cfg.steps, 'final': last, 'zero_shot': zero_shot,
+            'seconds': _seconds(train_seconds, t0)}
+  _write_done(workdir, 'clip', record)
+  logging.info('CLIP: %s', record)
+  return record
+
+
+# --------------------------------------------------------------------------- #
 # Ship
 # --------------------------------------------------------------------------- #
 def _commit():
@@ -481,7 +600,11 @@ def stage_ship(workdir, config, out):
   shutil.copytree(os.path.join(workdir, 'unet', 'pipeline'), base)
   shutil.copyfile(os.path.join(workdir, 'judge', 'judge.msgpack'),
                   os.path.join(out, 'judge.msgpack'))
-  stages = {s: _read_done(workdir, s) for s in ('vae', 'unet', 'judge')}
+  for name in ('dino', 'clip'):
+    if os.path.isdir(os.path.join(out, name)):
+      shutil.rmtree(os.path.join(out, name))
+    shutil.copytree(os.path.join(workdir, name, 'model'), os.path.join(out, name))
+  stages = {s: _read_done(workdir, s) for s in ('vae', 'unet', 'judge', 'dino', 'clip')}
   record = {
       'commit': _commit(),
       'config': config.to_dict(),
@@ -504,7 +627,7 @@ def run(workdir, config, stage='all', out=''):
     if s != 'ship' and s != 'data' and stage == 'all' and os.path.isfile(_done_path(workdir, s)):
       logging.info('Stage %s already done (%s); skipping.', s, _done_path(workdir, s))
       continue
-    if s in ('data', 'vae', 'unet', 'judge') and images is None:
+    if s in ('data', 'vae', 'unet', 'judge', 'clip') and images is None:
       images, scenes = render_scenes(workdir, config)
     if s == 'vae':
       stage_vae(workdir, config, images)
@@ -512,6 +635,10 @@ def run(workdir, config, stage='all', out=''):
       stage_unet(workdir, config, images, scenes)
     elif s == 'judge':
       stage_judge(workdir, config, images, scenes)
+    elif s == 'dino':
+      stage_dino(workdir, config)
+    elif s == 'clip':
+      stage_clip(workdir, config, images, scenes)
     elif s == 'ship':
       stage_ship(workdir, config, out)
   logging.info('pretrain --stage=%s took %.1f s', stage, time.perf_counter() - t0)

@@ -2,6 +2,8 @@
 
   shipped/base/          the pretrained toy SD (diffusers layout, Flax msgpack)
   shipped/judge.msgpack  the attribute classifier
+  shipped/dino/          the toy DINO (a ViT in the HF layout dpg_jax.encoders loads)
+  shipped/clip/          the toy CLIP (vision + text towers and tokenizer, HF layout)
   shipped/record.json    how they were made (commit, config, steps, final
                          losses, timings) and the sha256 of every file
 
@@ -14,6 +16,8 @@ import os
 WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'shipped')
 BASE_DIR = os.path.join(WEIGHTS_DIR, 'base')
 JUDGE_PATH = os.path.join(WEIGHTS_DIR, 'judge.msgpack')
+DINO_DIR = os.path.join(WEIGHTS_DIR, 'dino')   # HF ViT layout (encoders.load_dino)
+CLIP_DIR = os.path.join(WEIGHTS_DIR, 'clip')   # HF CLIP layout (encoders.load_clip)
 RECORD_PATH = os.path.join(WEIGHTS_DIR, 'record.json')
 
 
