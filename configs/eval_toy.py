@@ -1,6 +1,41 @@
 """The toy DreamBench: the methods compared offline on the toy world, with error bars.
 
-PLACEHOLDER DOCSTRING (sized below)
+  python -m dpg_jax.evaluate --config=configs/eval_toy.py --workdir=/tmp/toy_dreambench
+
+Toy subjects (dataset 'toyworld', rendered by dpg_jax/toyworld/subjects.py) x
+METHODS x the 13 toy prompts x 3 training seeds, on the shipped toy-world SD:
+
+  toy_dreambooth     configs/tiny.py (DreamBooth, the embedded default)
+  toy_dpg_faithful   configs/tiny_dpg.py:faithful (DPG look-forward, the authors' critic)
+  toy_dpg_robust     configs/tiny_dpg.py:robust   (DPG look-forward, robust critic)
+  toy_dpg_dino       configs/tiny_dpg_dino.py     (DPG, toy-DINO reward, lambda 1)
+  toy_dpg_clip_t     configs/tiny_dpg_clip_t.py   (DPG, toy-CLIP-T reward, lambda 1)
+
+scored with the toy DINO / CLIP-I / CLIP-T (dpg_jax/toyworld/shipped/{dino,clip})
+and the judge (Judge subject: its probability of the subject's attributes;
+Judge context: images in the context the prompt names), plus the real-image
+row. Cells: mean ± standard error over subjects, (seeds ± ...) over the
+training seeds. Kill and rerun the same command to resume. More subjects:
+--config.subjects="()" (all 8) or a tuple of names; the full method length:
+--config.train.num_steps=800.
+
+Default size, sized for 60 minutes on the 2-core CPU. Measured, one cold
+(method, subject, seed) unit of this config at the methods' 800 steps, niced:
+  DreamBooth (quiet machine)      190 s: train 150 s (set-up 58 s = 8 class
+      images + 36 s train-step compile; 800 steps at 8.8 steps/s = 91 s),
+      sampling 26 images 21 s, scoring 7 s (compiles included);
+  DPG DINO reward (machine shared with a pretraining job) 345 s: train 281 s
+      (set-up 112 s, compile 69 s; 4.8 steps/s = 166 s), sampling 35 s;
+  DPG look-forward 5.0 steps/s, DPG CLIP-T reward 4.0 steps/s (same load;
+      compiles 71-73 s). Several subjects at once (subjects_at_once=2) ran
+      2.0 steps/s for the pair, 4.0 subject-steps/s: no faster, so 1.
+In one evaluation, after the first run of a method its train step and sampler
+come from <workdir>/xla_cache and the class images are shared per seed, so a
+further unit costs its steps + ~8 s set-up + ~6 s sampling and scoring. At
+400 steps (train.num_steps) a (subject, seed) costs DreamBooth 45 + 14 s and
+the 4 DPG methods (at 4.0-5.0 steps/s) 80-100 + 14 s each: ~460 s = 7.7 min.
+2 subjects x 3 seeds = 46 min, plus the one-time compiles of the 5 train
+steps (~5.3 min), class images and start-up (~1 min): ~52 min.
 """
 from configs import eval_dreambench
 
@@ -13,16 +48,19 @@ def get_config():
   c.methods = METHODS
   c.dataset = 'toyworld'
   c.dataset_dir = ''
-  c.subjects = ()
+  c.subjects = ('orange_star', 'blue_heart')   # () = all 8 toy subjects
   c.train_seeds = (0, 1, 2)
+  c.train.num_steps = 400           # the methods' own: 800 (see the budget above)
+  c.subjects_at_once = 1            # measured: several at once is no faster here
   c.seed = 0
-  c.images_per_prompt = 2
+  c.images_per_prompt = 2           # 26 images per (method, subject, seed)
+  # The toy checks' sampling (dpg_jax/toyworld/checks.py): DDIM 20 steps, guidance 4.
   c.sample.scheduler = 'ddim'
   c.sample.num_inference_steps = 20
   c.sample.guidance_scale = 4.0
-  c.sample.batch_size = 26
-  c.scorer.dino_model = 'toyworld'
-  c.scorer.clip_model = 'toyworld'
-  c.scorer.judge = 'toyworld'
+  c.sample.batch_size = 26          # a unit's 13 prompts x 2 images in one call
+  c.scorer.dino_model = 'toyworld'  # dpg_jax/toyworld/shipped/dino
+  c.scorer.clip_model = 'toyworld'  # dpg_jax/toyworld/shipped/clip
+  c.scorer.judge = 'toyworld'       # dpg_jax/toyworld/shipped/judge.msgpack
   c.scorer.batch_size = 32
   return c

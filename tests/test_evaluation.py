@@ -848,24 +848,25 @@ def test_judge_metrics_of_a_toy_subject(scorer):
 # The metric encoders of the toy DreamBench (scorer.dino_model / scorer.clip_model):
 # the toy DINO and CLIP shipped in dpg_jax/toyworld/shipped/.
 TOY_ENCODERS = 'toyworld'
-TOY_STEPS = 150   # per method: enough to lift the judge's subject score over the base's
+TOY_STEPS = 150   # per method: enough to lift toy DINO and the judge's score over the base's
 
 
 def test_toy_dreambench_end_to_end(tmp_path):
-  """orange_star x (untrained base, DreamBooth, DPG look-forward) x 2 prompts through the
-  driver on the shipped toy SD, toy DINO / CLIP and judge: the trained methods draw the
-  subject better than the base model, and no method beats the photos themselves."""
+  """orange_star x (untrained base, DreamBooth, DPG with the toy-DINO reward) x 2 prompts
+  through the driver on the shipped toy SD, toy DINO / CLIP and judge: both trained
+  methods draw the subject better than the base model, none beats the photos themselves."""
   from dpg_jax.toyworld import weights  # pylint: disable=g-import-not-at-top
   config = plan.load_config_file('configs/eval_toy.py')
   config.subjects = ('orange_star',)
   config.method_configs.toy_base = 'configs/tiny.py'
-  config.methods = ('toy_base', 'toy_dreambooth', 'toy_dpg_robust')
+  config.methods = ('toy_base', 'toy_dreambooth', 'toy_dpg_dino')
   config.train_seeds = ()
   config.prompts_limit = 2              # 'on the grass', 'in the snow'
   config.images_per_prompt = 4
   config.sample.batch_size = 8
   config.train.num_steps = TOY_STEPS
   config.train.checkpoint_every = TOY_STEPS
+  config.train.prior_preservation = False   # no class images to sample: a shorter test
   config.scorer.dino_model = config.scorer.clip_model = TOY_ENCODERS
   trained = []
 
@@ -880,15 +881,15 @@ def test_toy_dreambench_end_to_end(tmp_path):
   results = evaluation.run(config, str(tmp_path / 'eval'), train_fn=train_fn)
   assert trained == [False, True] and results['incomplete_units'] == 0
   rows = results['overall']
-  base, db, real = rows['toy_base'], rows['toy_dreambooth'], rows[report.REAL]
-  for m in ('toy_dreambooth', 'toy_dpg_robust'):
-    assert rows[m]['judge_subject'] > base['judge_subject'] + 0.05, (m, rows)
-    assert rows[m]['dino'] > base['dino'], (m, rows)
+  base, real = rows['toy_base'], rows[report.REAL]
+  # Measured: toy DINO 0.31 (base) -> 0.62 (DreamBooth), 0.47 (DPG); judge 0.34 -> 0.41, 0.42.
+  for m in ('toy_dreambooth', 'toy_dpg_dino'):
+    assert rows[m]['dino'] > base['dino'] + 0.08, (m, rows)
+    assert rows[m]['judge_subject'] > base['judge_subject'] + 0.03, (m, rows)
   for m in config.methods:
-    assert real['dino'] > rows[m]['dino'] and real['clip_i'] > rows[m]['clip_i'], (m, rows)
-    assert real['judge_subject'] > rows[m]['judge_subject'], (m, rows)
-    assert 0 <= rows[m]['judge_context'] <= 1 and -1 <= rows[m]['clip_t'] <= 1
-  # The base draws the prompts' contexts; DreamBooth keeps most of them.
-  assert base['judge_context'] >= 0.5 and db['judge_context'] >= 0.5, rows
+    row = rows[m]
+    assert real['dino'] > row['dino'] and real['judge_subject'] > row['judge_subject'], (m, rows)
+    assert row['judge_context'] >= 0.75 and -1 <= row['clip_t'] <= 1, (m, rows)
+    assert row['num_subjects'] == 1
   with open(tmp_path / 'eval' / 'results.md') as f:
     assert '| Method | DINO | CLIP-I | CLIP-T | Judge subject | Judge context |' in f.read()
