@@ -21,21 +21,27 @@ training seeds. Kill and rerun the same command to resume. More subjects:
 
 Default size, sized for 60 minutes on the 2-core CPU. Measured, one cold
 (method, subject, seed) unit of this config at the methods' 800 steps, niced:
-  DreamBooth (quiet machine)      190 s: train 150 s (set-up 58 s = 8 class
-      images + 36 s train-step compile; 800 steps at 8.8 steps/s = 91 s),
-      sampling 26 images 21 s, scoring 7 s (compiles included);
-  DPG DINO reward (machine shared with a pretraining job) 345 s: train 281 s
-      (set-up 112 s, compile 69 s; 4.8 steps/s = 166 s), sampling 35 s;
-  DPG look-forward 5.0 steps/s, DPG CLIP-T reward 4.0 steps/s (same load;
-      compiles 71-73 s). Several subjects at once (subjects_at_once=2) ran
-      2.0 steps/s for the pair, 4.0 subject-steps/s: no faster, so 1.
+  DreamBooth (quiet machine; scored with tiny random encoders, before the toy
+      ones shipped) 190 s: train 150 s (set-up 58 s = 8 class images + 36 s
+      train-step compile; 800 steps at 8.8 steps/s = 91 s), sampling 26
+      images 21 s, scoring 7 s (compiles included);
+  DPG CLIP-T reward, the slowest (machine shared with a pretraining job,
+      load ~3.5) 371 s: train 306 s (set-up 91 s, compile 51 s; 800 steps at
+      3.75 steps/s = 213 s), sampling 45 s, scoring 11 s;
+  under the same load: DPG DINO reward 4.8 steps/s (tiny random DINO as the
+      reward encoder, before the toy one shipped; compile 69 s), DPG
+      look-forward 5.0 steps/s (compile 73 s). DreamBooth on two subjects
+      at once (subjects_at_once=2, same load) ran 2.0 steps/s for the pair,
+      4.0 subject-steps/s: no gain over one at a time, so 1.
 In one evaluation, after the first run of a method its train step and sampler
 come from <workdir>/xla_cache and the class images are shared per seed, so a
-further unit costs its steps + ~8 s set-up + ~6 s sampling and scoring. At
-400 steps (train.num_steps) a (subject, seed) costs DreamBooth 45 + 14 s and
-the 4 DPG methods (at 4.0-5.0 steps/s) 80-100 + 14 s each: ~460 s = 7.7 min.
-2 subjects x 3 seeds = 46 min, plus the one-time compiles of the 5 train
-steps (~5.3 min), class images and start-up (~1 min): ~52 min.
+further unit costs its steps + ~8 s set-up + ~6 s sampling and scoring (estimated
+from the parts of the cold set-up above, not measured warm). At
+400 steps (train.num_steps) a (subject, seed) costs DreamBooth 45 + 14 s,
+look-forward 2 x (80 + 14) s, DINO 83 + 14 s, CLIP-T 107 + 14 s: 465 s =
+7.8 min. 2 subjects x 3 seeds = 46.5 min, plus the one-time compiles of the
+5 train steps (~5 min) and start-up, references, class images (~1 min):
+~53 min. (The DPG rates are from a loaded machine: alone it runs faster.)
 """
 from configs import eval_dreambench
 

@@ -1,4 +1,4 @@
-"""DreamBench evaluation: DINO, CLIP-I and CLIP-T, and a resumable driver.
+"""DreamBench evaluation: DINO, CLIP-I and CLIP-T (+ the toy-world judge), and a resumable driver.
 
   python -m dpg_jax.evaluate --config=configs/eval_tiny.py --workdir=/tmp/dpg_eval_tiny
   python -m dpg_jax.evaluate --config=configs/eval_dreambench.py --workdir=runs/eval
@@ -15,6 +15,8 @@ Outputs, in the workdir:
   images/<method>/<subject>/<fingerprint>/<prompt>_<seed>.png   generated images
   grids/<method>/<subject>.png      rows = prompts, columns = seeds
   results.json, results.md          per prompt / subject / group / overall
+  (with config key train_seeds, runs/, images/ and grids/ get a seed<k> level
+  below <subject>)
 """
 from dpg_jax.evaluation.driver import run
 from dpg_jax.evaluation.driver import validate_config
