@@ -33,15 +33,19 @@ Default size, sized for 60 minutes on the 2-core CPU. Measured, one cold
       look-forward 5.0 steps/s (compile 73 s). DreamBooth on two subjects
       at once (subjects_at_once=2, same load) ran 2.0 steps/s for the pair,
       4.0 subject-steps/s: no gain over one at a time, so 1.
-In one evaluation, after the first run of a method its train step and sampler
-come from <workdir>/xla_cache and the class images are shared per seed, so a
-further unit costs its steps + ~8 s set-up + ~6 s sampling and scoring (estimated
-from the parts of the cold set-up above, not measured warm). At
-400 steps (train.num_steps) a (subject, seed) costs DreamBooth 45 + 14 s,
-look-forward 2 x (80 + 14) s, DINO 83 + 14 s, CLIP-T 107 + 14 s: 465 s =
-7.8 min. 2 subjects x 3 seeds = 46.5 min, plus the one-time compiles of the
-5 train steps (~5 min) and start-up, references, class images (~1 min):
-~53 min. (The DPG rates are from a loaded machine: alone it runs faster.)
+A further unit, measured: DreamBooth with a second training seed in the same
+workdir (its train step from <workdir>/xla_cache, new class images for the
+new seed), a new process: 171 s = train 142 s (set-up 43 s: class images and
+a 21 s trace + cache hit, which every run pays again; 800 steps at 8.2
+steps/s = 98 s), sampling 9 s, scoring 6 s, references 5 s. So a unit costs
+its steps + ~58 s (DreamBooth: that set-up with the (class, seed)'s class
+images, + 15 s sampling and scoring) or, estimated, ~50 s (a DPG method:
+class images shared, a longer trace than DreamBooth's). At 300 steps (train.num_steps) a (subject, seed)
+costs DreamBooth 34 + 58 s, look-forward 2 x (60 + 50) s, DINO 62 + 50 s,
+CLIP-T 80 + 50 s: 554 s = 9.2 min; 2 subjects x 3 seeds = 55 min, plus the
+first compile of each of the 5 train steps beyond its trace (~3 min): ~58
+min with the DPG rates of a loaded machine (alone they run faster). At 400
+steps it would be ~65 min.
 """
 from configs import eval_dreambench
 
@@ -56,7 +60,7 @@ def get_config():
   c.dataset_dir = ''
   c.subjects = ('orange_star', 'blue_heart')   # () = all 8 toy subjects
   c.train_seeds = (0, 1, 2)
-  c.train.num_steps = 400           # the methods' own: 800 (see the budget above)
+  c.train.num_steps = 300           # the methods' own: 800 (see the budget above)
   c.subjects_at_once = 1            # measured: several at once is no faster here
   c.seed = 0
   c.images_per_prompt = 2           # 26 images per (method, subject, seed)
