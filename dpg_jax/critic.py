@@ -17,7 +17,16 @@ Two presets (`critic_config`):
     updates skipped. Adam's step size does not scale with the gradient, which is
     what keeps it finite on huge inputs.
 
-Target transforms (`cfg.target_transform`):
+Init (`cfg.init`, scalar critics): 'authors' (U[0, b], see `Critic`: dQ/dinput
+> 0 everywhere at init) or 'zero_mean' (symmetric hidden layers, zero biases,
+zero output layer: Q = 0 and no policy gradient before the first critic step).
+
+Embedding critic (`cfg.arch = 'embedding'`, `EmbeddingCritic`): for rewards
+1 - cos(embedding, reference) (rewards.EmbeddingCost). It predicts the unit
+embedding [B, D] and regresses the reward encoder's (`embedding_loss`); the
+policy's cost is 1 - cos(prediction, reference) (dpg.DPG.policy_loss).
+
+Target transforms (`cfg.target_transform`, scalar critics):
 
   * 'none': regress the raw target (the authors' choice).
   * 'normalize': keep a debiased exponential moving mean square of the target

@@ -4,11 +4,14 @@ Per step, from ONE UNet forward pass on the instance half of the batch:
   * policy (Eq. 3, 11): minimise  prior_loss_weight * prior MSE
                                   + instance_mse_weight * ||eps - eps_hat||^2
                                   + sum_i w_i * g_i(t) * Q_i(input_i(x0_hat))
-    where g_i(t) = gamma**t for discounted rewards (look_forward, Eq. 9). The
+    where g_i(t) = gamma**t for discounted rewards (look_forward, Eq. 9) and,
+    with an embedding critic (dpg.critic.arch='embedding'), Q_i is
+    1 - cos(e_hat_i(input_i), reference_i) instead of a scalar output. The
     gradient reaches the UNet (and text encoder) *through* each critic Q_i:
     the critics' params are constants for this update.
   * critics (Eq. 4): one SGD/Adam step each on MSE(Q_i(input_i), cost_i) with
-    x0_hat detached, after the policy step (as the authors' code).
+    x0_hat detached, after the policy step (as the authors' code); an embedding
+    critic's step is on ||e_hat_i - unit(embedding_i(D(x0_hat)))||^2.
 Costs come from `dpg_jax.rewards` (sign: lower is better; see there). Terms
 marked `direct` (DINO with dpg.dino_direct) are differentiated themselves
 instead of being learned by a critic.

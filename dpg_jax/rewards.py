@@ -45,6 +45,11 @@ are decoded on the device, converted to uint8 there, and copied to the host.
 Prompts are looked up by `RewardBatch.prompt_ids` in `RewardContext.prompts`.
 A reward that is a jit-able function of the decoded images or latents can
 instead be registered with `register(Reward(...))`.
+
+dino, clip_image and clip_text compare an embedding with a reference: they are
+registered with `embedding=True` and their cost function is an
+`EmbeddingCost`, whose parts the embedding critic (dpg.critic.arch='embedding')
+uses through `RewardSet.costs_and_embeddings` and `RewardSet.reference`.
 """
 import dataclasses
 import functools
