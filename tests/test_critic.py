@@ -283,8 +283,7 @@ def _embedding_task(rng, n, basis, mix):
   return x.astype(np.float32), (e / np.linalg.norm(e, axis=-1, keepdims=True)).astype(np.float32)
 
 
-@pytest.mark.parametrize('init', critic_lib.INITS)
-def test_embedding_critic_regresses_target_embeddings(init):
+def test_embedding_critic_regresses_target_embeddings(init='authors'):
   """Its update (MSE on unit vectors = 2 - 2 cos) drives cos(e_hat, e) from ~0
   to ~1 on 32 fixed toy-sized latents in 300 robust-preset (Adam 1e-4) steps,
   and it generalises to held-out latents of the same task."""
@@ -303,5 +302,6 @@ def test_embedding_critic_regresses_target_embeddings(init):
   held = float(np.mean(np.sum(np.asarray(critic_lib.critic_embedding(state, xt)) * et, -1)))
   print(f'embedding critic ({init}): cos {cosines[0]:.3f} -> {cosines[-1]:.4f}, '
         f'held-out {held:.3f}')
-  # Measured: 0.04 -> 1.000 on the fixed latents, 0.96 held out, both inits.
+  # Measured: 0.04 -> 1.000 on the fixed latents, 0.96 held out (zero_mean init:
+  # 0.04 -> 1.000, 0.96).
   assert abs(cosines[0]) < 0.2 and cosines[-1] > 0.99 and held > 0.9, (cosines[0], held)
