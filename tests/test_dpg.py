@@ -633,3 +633,24 @@ def test_host_reward_trains_its_critic_end_to_end(tiny_sd_dir, tmp_path):
   pred = _series(rows, 'dpg/critic_pred_test_brightness')
   err = np.abs(pred - cost) / np.abs(cost)
   assert np.median(err[-8:]) < np.median(err[:8]), err
+
+
+@pytest.mark.slow
+def test_embedding_critic_run_resumes_exactly(tiny_sd, tiny_sd_dir, tmp_path):
+  """A DINO-reward run with the embedding critic through the training loop:
+  stopped at step 2 and resumed to 4 == run to 4 at once, critic included."""
+  overrides = {'num_steps': 4, 'checkpoint_every': 2, 'dpg.rewards': 'dino:0.5',
+               'dpg.instance_mse_weight': 1.0, 'dpg.critic.arch': 'embedding'}
+  full, resumed = str(tmp_path / 'full'), str(tmp_path / 'resumed')
+  train.train_and_evaluate(_loop_config(tiny_sd_dir, 'robust', overrides), full)
+  for n in (2, 4):
+    train.train_and_evaluate(_loop_config(tiny_sd_dir, 'robust', {**overrides, 'num_steps': n}),
+                             resumed)
+  rows = writers.read_metrics(resumed)
+  assert [r['step'] for r in rows] == [1, 2, 3, 4]
+  assert all(np.isfinite(r['critic_dino/cosine']) for r in rows)
+  config = _loop_config(tiny_sd_dir, 'robust', overrides)
+  target = _abstract_state(config, tiny_sd, full)
+  a, b = _restore_all(full, target)[4], _restore_all(resumed, target)[4]
+  assert a.critic['dino'].kind == 'embedding' and int(b.critic['dino'].step) == 4
+  _assert_trees_close(b, a, atol=0)
