@@ -4,11 +4,14 @@ Per step, from ONE UNet forward pass on the instance half of the batch:
   * policy (Eq. 3, 11): minimise  prior_loss_weight * prior MSE
                                   + instance_mse_weight * ||eps - eps_hat||^2
                                   + sum_i w_i * g_i(t) * Q_i(input_i(x0_hat))
-    where g_i(t) = gamma**t for discounted rewards (look_forward, Eq. 9). The
+    where g_i(t) = gamma**t for discounted rewards (look_forward, Eq. 9) and,
+    with an embedding critic (dpg.critic.arch='embedding'), Q_i is
+    1 - cos(e_hat_i(input_i), reference_i) instead of a scalar output. The
     gradient reaches the UNet (and text encoder) *through* each critic Q_i:
     the critics' params are constants for this update.
   * critics (Eq. 4): one SGD/Adam step each on MSE(Q_i(input_i), cost_i) with
-    x0_hat detached, after the policy step (as the authors' code).
+    x0_hat detached, after the policy step (as the authors' code); an embedding
+    critic's step is on ||e_hat_i - unit(embedding_i(D(x0_hat)))||^2.
 Costs come from `dpg_jax.rewards` (sign: lower is better; see there). Terms
 marked `direct` (DINO with dpg.dino_direct) are differentiated themselves
 instead of being learned by a critic.
@@ -48,11 +51,15 @@ def validate_config(config) -> None:
   if d.reference_mode not in ('mean', 'per_image'):
     raise ValueError(f"config key dpg.reference_mode={d.reference_mode!r}: expected 'mean' or "
                      "'per_image'.")
-  critic_lib.make_critic(d.critic)
-  critic_lib.make_critic_optimizer(d.critic)
-  if d.critic.target_transform not in critic_lib.TARGET_TRANSFORMS:
-    raise ValueError(f'config key dpg.critic.target_transform={d.critic.target_transform!r}: '
-                     f'expected one of {critic_lib.TARGET_TRANSFORMS}.')
+  critic_lib.validate_critic_config(d.critic)
+  if d.critic.arch in critic_lib.EMBEDDING_ARCHS:
+    learned = [t.name for t in terms if not (d.dino_direct and t.name == 'dino')]
+    plain = [n for n in learned if not rewards_lib.REWARDS[n].embedding]
+    if plain:
+      with_emb = sorted(n for n, r in rewards_lib.REWARDS.items() if r.embedding)
+      raise ValueError(f'config key dpg.critic.arch={d.critic.arch!r} regresses a reward '
+                       f'embedding, but reward(s) {plain} in dpg.rewards have none (rewards '
+                       f'with one: {with_emb}).')
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -103,7 +110,8 @@ class DPG:
         cfg = _critic_cfg(d.critic, term)
         inputs[term.name] = cfg.input
         templates[term.name] = critic_lib.create_critic_state(
-            cfg, jax.random.PRNGKey(config.seed + 7919 * (i + 1)), (1,) + latent_shape)
+            cfg, jax.random.PRNGKey(config.seed + 7919 * (i + 1)), (1,) + latent_shape,
+            embedding_dim=term.embedding.dim if term.embedding else 0)
     return cls(terms=reward_set.terms, reward_set=reward_set, critic_cfg=d.critic,
                gamma=float(d.gamma), instance_mse_weight=float(d.instance_mse_weight),
                latent_shape=latent_shape,
@@ -164,7 +172,8 @@ class DPG:
         value = costs[term.name]
       else:
         inp = critic_lib.critic_input(self.inputs[term.name], x0, x0_hat, eps, eps_hat)
-        value = critic_lib.critic_value(critics[term.name], inp)
+        value = self._critic_cost(critics, frozen, term.name, inp, x0, x0_hat,
+                                  micro.get('instance_index'))
         terms[f'dpg/q_{term.name}'] = jnp.mean(value)
       loss = loss + jnp.mean(w * value)
     sg = jax.lax.stop_gradient
@@ -172,6 +181,24 @@ class DPG:
     if 'instance_index' in micro:
       aux['index'] = micro['instance_index']
     return loss, terms, aux
+
+  def _embedding_terms(self):
+    return tuple(n for n, tpl in self.templates.items() if tpl.kind == 'embedding')
+
+  def _critic_cost(self, critics, frozen, name, inp, x0, x0_hat, index):
+    """Critic `name`'s estimate of its cost [B], differentiable in `inp`.
+
+    A scalar critic's Q; for an embedding critic 1 - cos(e_hat(inp), reference),
+    the reward's own cost with the critic's embedding in place of the encoder's,
+    so the reward weight means the same for both.
+    """
+    state = critics[name]
+    if state.kind != 'embedding':
+      return critic_lib.critic_value(state, inp)
+    ref = self.reward_set.reference(
+        frozen['rewards'], name,
+        rewards_lib.RewardBatch(x0=x0, x0_hat=x0_hat, ref_ids=self._ref_ids(index)))
+    return rewards_lib.cosine_cost(critic_lib.critic_embedding(state, inp), ref)
 
   def critic_update(self, critics, frozen, aux, rng):
     """Eq. 4 for every critic on the detached quantities of this step's forward.
@@ -182,7 +209,8 @@ class DPG:
     a = aux
     batch = self._reward_batch(frozen, a['x0'], a['x0_hat'], a['eps'], a['eps_hat'], a['t'],
                                a.get('index'), with_images=True)
-    costs = self.reward_set.costs(frozen['rewards'], batch)
+    costs, embeddings = self.reward_set.costs_and_embeddings(
+        frozen['rewards'], batch, embed=self._embedding_terms())
     new, metrics = dict(critics), {}
     # A non-finite update of a critic with skip_nonfinite was skipped (its
     # state is unchanged and finite): reported, but not a reason to stop.
@@ -193,8 +221,10 @@ class DPG:
         continue
       inp = critic_lib.critic_input(self.inputs[term.name], batch.x0, batch.x0_hat, batch.eps,
                                     batch.eps_hat)
-      pred = critic_lib.critic_value(critics[term.name], inp)
-      new[term.name], m = critic_lib.critic_update(critics[term.name], inp, costs[term.name])
+      pred = self._critic_cost(critics, frozen, term.name, inp, batch.x0, batch.x0_hat,
+                               a.get('index'))
+      target = embeddings.get(term.name, costs[term.name])
+      new[term.name], m = critic_lib.critic_update(critics[term.name], inp, target)
       metrics[f'dpg/critic_pred_{term.name}'] = jnp.mean(pred)
       for k, v in m.items():
         metrics[k.replace('critic/', f'critic_{term.name}/')] = v

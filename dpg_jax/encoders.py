@@ -427,7 +427,8 @@ def _load_params(weight_file: str, shapes, *, heads: Sequence[str],
   if pt_state is None and os.path.basename(weight_file).endswith('.msgpack'):
     with open(weight_file, 'rb') as f:
       state = flax.serialization.msgpack_restore(f.read())
-    params = _match_shapes(state, core_shapes, source=weight_file)
+    params = _match_shapes({k: v for k, v in state.items() if k not in defaults}, core_shapes,
+                           source=weight_file)
   else:
     if pt_state is None:
       pt_state = weights.read_state_dict(weight_file)

@@ -45,6 +45,11 @@ are decoded on the device, converted to uint8 there, and copied to the host.
 Prompts are looked up by `RewardBatch.prompt_ids` in `RewardContext.prompts`.
 A reward that is a jit-able function of the decoded images or latents can
 instead be registered with `register(Reward(...))`.
+
+dino, clip_image and clip_text compare an embedding with a reference: they are
+registered with `embedding=True` and their cost function is an
+`EmbeddingCost`, whose parts the embedding critic (dpg.critic.arch='embedding')
+uses through `RewardSet.costs_and_embeddings` and `RewardSet.reference`.
 """
 import dataclasses
 import functools
@@ -145,6 +150,25 @@ CostFn = Callable[[PyTree, RewardBatch], jnp.ndarray]
 
 
 @dataclasses.dataclass(frozen=True)
+class EmbeddingCost:
+  """A cost 1 - cos(embed(batch), reference(batch)) with both parts exposed.
+
+  The cost function of a reward registered with `embedding=True`: calling it
+  gives the scalar cost as any CostFn does; the embedding critic
+  (dpg.critic.arch='embedding') regresses `embed`'s unit embedding instead and
+  compares its own prediction with `reference`.
+  embed(aux, batch) -> raw embeddings [B, D] (not normalised);
+  reference(aux, batch) -> reference embeddings [B, D] or [D] (broadcast).
+  """
+  embed: CostFn
+  reference: CostFn
+  dim: int
+
+  def __call__(self, aux, batch: RewardBatch):
+    return cosine_cost(self.embed(aux, batch), self.reference(aux, batch))
+
+
+@dataclasses.dataclass(frozen=True)
 class Reward:
   """A registered reward.
 
@@ -152,12 +176,15 @@ class Reward:
   batch) -> cost [B] is pure and jit-able and may close over static objects
   (modules, prompt tables) but takes arrays (params, embeddings) via aux.
   critic_input: what its critic sees (see critic.critic_input).
+  embedding: bind returns an `EmbeddingCost` (the cost compares an embedding
+    with a reference), which the embedding critic needs.
   """
   name: str
   bind: Callable[[RewardContext], tuple[CostFn, PyTree]]
   needs_images: bool = False
   critic_input: str = 'residual'
   discounted: bool = False
+  embedding: bool = False
 
 
 REWARDS: dict[str, Reward] = {}
@@ -232,16 +259,19 @@ def _image_similarity(kind: str):
     mode = ctx.reference_mode
     ref = _reference_embeddings(encoder, params, ctx.reference_images, mode)
 
-    def cost(aux, batch: RewardBatch):
-      emb = encoder.embed_images(aux['params'], batch.images)
+    def embed(aux, batch: RewardBatch):
+      return encoder.embed_images(aux['params'], batch.images)
+
+    def reference(aux, batch: RewardBatch):
       ref = aux['reference']
       if mode == 'per_image':
         if batch.ref_ids is None:
           raise ValueError(f'{kind} reward with reference_mode=per_image needs '
                            'RewardBatch.ref_ids.')
         ref = ref[batch.ref_ids]
-      return cosine_cost(emb, ref)
+      return ref
 
+    cost = EmbeddingCost(embed, reference, dim=int(ref.shape[-1]))
     return cost, {'params': params, 'reference': ref}
 
   return bind
@@ -254,19 +284,24 @@ def _clip_text_bind(ctx: RewardContext):
   texts = [strip_identifier(p, ctx.identifier) for p in ctx.prompts]
   text = _l2_normalize(_text_features(encoder, params, encoder.tokenize(texts)))
 
-  def cost(aux, batch: RewardBatch):
-    emb = encoder.embed_images(aux['params'], batch.images)
-    ids = (jnp.zeros((emb.shape[0],), jnp.int32) if batch.prompt_ids is None
-           else batch.prompt_ids)
-    return cosine_cost(emb, aux['text'][ids])
+  def embed(aux, batch: RewardBatch):
+    return encoder.embed_images(aux['params'], batch.images)
 
+  def reference(aux, batch: RewardBatch):
+    ids = (jnp.zeros((batch.images.shape[0],), jnp.int32) if batch.prompt_ids is None
+           else batch.prompt_ids)
+    return aux['text'][ids]
+
+  cost = EmbeddingCost(embed, reference, dim=int(text.shape[-1]))
   return cost, {'params': params, 'text': text}
 
 
-register(Reward('dino', _image_similarity('dino'), needs_images=True, critic_input='x0_hat'))
+register(Reward('dino', _image_similarity('dino'), needs_images=True, critic_input='x0_hat',
+                embedding=True))
 register(Reward('clip_image', _image_similarity('clip_image'), needs_images=True,
-                critic_input='x0_hat'))
-register(Reward('clip_text', _clip_text_bind, needs_images=True, critic_input='x0_hat'))
+                critic_input='x0_hat', embedding=True))
+register(Reward('clip_text', _clip_text_bind, needs_images=True, critic_input='x0_hat',
+                embedding=True))
 
 
 def host_callback(fn, images, prompt_ids, prompts: Sequence[str]):
@@ -377,6 +412,11 @@ class BoundReward:
   discounted: bool
   direct: bool = False   # differentiate the cost itself; no critic
 
+  @property
+  def embedding(self) -> EmbeddingCost | None:
+    """The cost's embedding and reference (rewards registered with embedding=True)."""
+    return self.fn if isinstance(self.fn, EmbeddingCost) else None
+
   def policy_weight(self, t, gamma: float = DEFAULT_GAMMA):
     """weight * gamma**t (discounted) or weight, per example [B]."""
     w = jnp.full(jnp.shape(t), self.weight, jnp.float32)
@@ -395,14 +435,33 @@ class RewardSet:
 
   def costs(self, aux, batch: RewardBatch) -> dict[str, jnp.ndarray]:
     """name -> cost [B]; stop-gradiented unless the term is direct."""
+    return self.costs_and_embeddings(aux, batch)[0]
+
+  def costs_and_embeddings(self, aux, batch: RewardBatch, embed=()):
+    """(costs as `costs`, {name: unit embedding [B, D]} for the terms in `embed`).
+
+    A term in `embed` must have an embedding; its embedding is computed once and
+    gives both its cost and its (stop-gradiented, L2-normalised) embedding.
+    """
     if self.needs_images and batch.images is None:
       raise ValueError('RewardBatch.images (decoded x0_hat) is required by rewards '
                        f'{[t.name for t in self.terms if t.needs_images]}.')
-    out = {}
+    costs, embeddings = {}, {}
     for term in self.terms:
-      c = term.fn(aux[term.name], batch).astype(jnp.float32)
-      out[term.name] = c if term.direct else jax.lax.stop_gradient(c)
-    return out
+      if term.name in embed:
+        e = term.embedding.embed(aux[term.name], batch)
+        c = cosine_cost(e, term.embedding.reference(aux[term.name], batch))
+        embeddings[term.name] = jax.lax.stop_gradient(_l2_normalize(e))
+      else:
+        c = term.fn(aux[term.name], batch)
+      c = c.astype(jnp.float32)
+      costs[term.name] = c if term.direct else jax.lax.stop_gradient(c)
+    return costs, embeddings
+
+  def reference(self, aux, name: str, batch: RewardBatch):
+    """The reference embedding term `name`'s cost compares with ([B, D] or [D])."""
+    term = next(t for t in self.terms if t.name == name)
+    return term.embedding.reference(aux[name], batch)
 
 
 def build_rewards(spec, ctx: RewardContext | None = None) -> RewardSet:
@@ -412,6 +471,9 @@ def build_rewards(spec, ctx: RewardContext | None = None) -> RewardSet:
   for name, weight in parse_reward_spec(spec):
     reward = REWARDS[name]
     fn, aux[name] = reward.bind(ctx)
+    if reward.embedding and not isinstance(fn, EmbeddingCost):
+      raise TypeError(f'reward {name!r} is registered with embedding=True but its bind '
+                      'did not return an EmbeddingCost.')
     terms.append(BoundReward(
         name=name, weight=weight, fn=fn, needs_images=reward.needs_images,
         critic_input=reward.critic_input, discounted=reward.discounted,

@@ -104,17 +104,17 @@ def _assert_trees_close(a, b, atol, rtol=0.0):
 class _Setup:
   """A DPG train step on the tiny SD, its inputs and a jitted step."""
 
-  def __init__(self, tiny_sd, tmp_path, *, prior: bool, preset: str):
+  def __init__(self, tiny_sd, tmp_path, *, prior: bool, preset: str, overrides=None):
     sd, params = tiny_sd
     config = _config({'prior_preservation': prior,
-                      'dpg.critic': critic_lib.critic_config(preset)})
+                      'dpg.critic': critic_lib.critic_config(preset), **(overrides or {})})
     rng = np.random.default_rng(0)
     refs = rng.integers(0, 256, (_N_IMAGES, 64, 64, 3), dtype=np.uint8)
     self.dpg = dpg_lib.DPG.build(config, sd, refs, ['a photo of sks toy'],
                                  workdir=str(tmp_path))
     spec = train.make_step_spec(sd, config, self.dpg)
     self.spec = dataclasses.replace(spec, optimizer=_recording_sgd())
-    self.sd, self.params, self.config = sd, params, config
+    self.sd, self.params, self.config, self.workdir = sd, params, config, str(tmp_path)
     self.trainable = {'unet': params['unet']}
     self.state = train.init_state(self.spec, self.trainable, jax.random.PRNGKey(0))
     # Conditioning: random text context of the right shape (the encoder is frozen).
@@ -330,6 +330,113 @@ def test_nonfinite_critic_update_stops_only_without_skip(fixture, request):
 
 
 # -----------------------------------------------------------------------------
+# 2b. The embedding critic (dpg.critic.arch='embedding') with the DINO reward.
+# -----------------------------------------------------------------------------
+_DINO_WEIGHT = 0.5
+
+
+@pytest.fixture(scope='module')
+def dino_embedding(tiny_sd, tmp_path_factory):
+  return _Setup(tiny_sd, tmp_path_factory.mktemp('dino_embedding'), prior=False,
+                preset='robust', overrides={'dpg.rewards': f'dino:{_DINO_WEIGHT}',
+                                            'dpg.critic.arch': 'embedding',
+                                            'dpg.critic.input': 'auto'})
+
+
+def _unit(x):
+  x = np.asarray(x, np.float64)
+  return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def test_embedding_critic_policy_loss_is_weighted_cosine_cost(dino_embedding):
+  """policy_loss = lambda * mean(1 - cos(e_hat(x0_hat), reference)), the DINO
+  cost with the critic's embedding in place of DINO's."""
+  s = dino_embedding
+  d = s.dpg
+  (term,) = d.terms
+  assert term.name == 'dino' and not term.discounted and d.instance_mse_weight == 0.0
+  assert d.inputs['dino'] == 'x0_hat'
+  state = s.state.critic['dino']
+  ref = np.asarray(s.frozen['rewards']['dino']['reference'])
+  assert state.kind == 'embedding' and state.params['fc2']['kernel'].shape[-1] == ref.shape[-1]
+  rng = np.random.default_rng(3)
+  shape = (3,) + d.latent_shape
+  x0, eps, eps_hat = (rng.standard_normal(shape).astype(np.float32) for _ in range(3))
+  t = np.array([10, 500, 999], np.int32)
+  a = np.asarray(s.spec.alphas_cumprod)[t][:, None, None, None]
+  x_t = (np.sqrt(a) * x0 + np.sqrt(1 - a) * eps).astype(np.float32)
+  loss, terms, aux = jax.jit(lambda c, p: d.policy_loss(
+      c, s.frozen, pred=p, x0=x0, eps=eps, x_t=x_t, t=t,
+      alphas_cumprod=s.spec.alphas_cumprod, prediction_type='epsilon', micro={}))(
+          s.state.critic, eps_hat)
+  e_hat = np.asarray(state.apply_fn({'params': state.params}, aux['x0_hat']), np.float64)
+  np.testing.assert_allclose(np.linalg.norm(e_hat, axis=-1), 1.0, rtol=1e-5)
+  cost = 1.0 - e_hat @ _unit(ref)
+  assert cost.min() > 1e-3   # an untrained critic: far from the reference
+  np.testing.assert_allclose(float(loss), _DINO_WEIGHT * cost.mean(), rtol=1e-5)
+  np.testing.assert_allclose(float(terms['dpg/q_dino']), cost.mean(), rtol=1e-5)
+
+
+def test_embedding_critic_train_step_and_checkpoint_round_trip(dino_embedding, tmp_path):
+  """One train step: the UNet moves (through the critic), the critic takes one
+  step towards DINO's unit embedding of D(x0_hat) of the pre-update UNet, and the
+  new state (critic included) survives a checkpoint save/restore bit for bit."""
+  from dpg_jax import encoders  # pylint: disable=g-import-not-at-top
+  s = dino_embedding
+  new, m = s.run(s.state)
+  assert float(m['grad_norm']) > 0 and _all_finite(new)
+  assert _max_abs(jax.tree.map(jnp.subtract, new.params['unet'], s.state.params['unet'])) > 0
+  assert 0.0 <= float(m['dpg/cost_dino']) <= 2.0
+  np.testing.assert_allclose(float(m['critic_dino/cosine']), 1 - float(m['critic_dino/loss']) / 2,
+                             rtol=1e-6)
+  # The critic's target by hand: the reward encoder's unit embedding.
+  enc, enc_params = encoders.load_dino(os.path.join(s.workdir, 'pretrained_tiny_encoders', 'dino'))
+
+  @jax.jit
+  def by_hand(unet, vae, enc_params, critic):
+    _, _, t, x_t = s.noised(s.state)
+    n = _BATCH
+    pred = s.sd.predict(unet, x_t, t, s.context())[:n]
+    x0_hat = diffusion.predict_x0(x_t[:n], pred, jnp.asarray(s.spec.alphas_cumprod)[t[:n]])
+    emb = enc.embed_images(enc_params, s.sd.decode_latents(vae, x0_hat))
+    target = emb / jnp.linalg.norm(emb, axis=-1, keepdims=True)
+    return critic_lib.critic_update(critic, x0_hat, target)
+
+  by_hand, hm = by_hand(s.state.params['unet'], s.params['vae'], enc_params,
+                        s.state.critic['dino'])
+  _assert_trees_close(new.critic['dino'].params, by_hand.params, atol=1e-6, rtol=1e-5)
+  np.testing.assert_allclose(float(m['critic_dino/cosine']), float(hm['critic/cosine']),
+                             atol=1e-5)
+  assert _max_abs(jax.tree.map(jnp.subtract, new.critic['dino'].params,
+                               s.state.critic['dino'].params)) > 0
+  # Save / restore into the abstract state of the same config.
+  ckpt = ckpt_lib.Checkpointer(str(tmp_path / 'ckpt'), async_save=False)
+  try:
+    ckpt.save(1, new, {'step': 1})
+    target_state = jax.eval_shape(
+        lambda p: train.init_state(s.spec, p, jax.random.PRNGKey(0)), s.trainable)
+    restored, _ = ckpt.restore(1, target_state)
+  finally:
+    ckpt.close()
+  assert restored.critic['dino'].kind == 'embedding'
+  _assert_trees_close(restored, new, atol=0)
+
+
+def test_embedding_critic_needs_an_embedding_reward():
+  for rewards, ok in (('look_forward:1.0', False), ('dino:0.1,look_forward:1.0', False),
+                      ('dino:0.1', True), ('clip_image:1,clip_text:1', True)):
+    config = _config({'dpg.rewards': rewards, 'dpg.critic.arch': 'embedding'})
+    if ok:
+      dpg_lib.validate_config(config)
+    else:
+      with pytest.raises(ValueError, match=r"dpg.critic.arch='embedding' .*'look_forward'"):
+        dpg_lib.validate_config(config)
+  # A direct DINO term has no critic, so nothing needs an embedding there.
+  dpg_lib.validate_config(_config({'dpg.rewards': 'dino:0.1', 'dpg.dino_direct': True,
+                                   'dpg.critic.arch': 'embedding'}))
+
+
+# -----------------------------------------------------------------------------
 # 3-5. The training loop (train.train_and_evaluate) with DPG.
 # -----------------------------------------------------------------------------
 def _loop_config(tiny_sd_dir, preset='robust', overrides=None):
@@ -526,3 +633,24 @@ def test_host_reward_trains_its_critic_end_to_end(tiny_sd_dir, tmp_path):
   pred = _series(rows, 'dpg/critic_pred_test_brightness')
   err = np.abs(pred - cost) / np.abs(cost)
   assert np.median(err[-8:]) < np.median(err[:8]), err
+
+
+@pytest.mark.slow
+def test_embedding_critic_run_resumes_exactly(tiny_sd, tiny_sd_dir, tmp_path):
+  """A DINO-reward run with the embedding critic through the training loop:
+  stopped at step 2 and resumed to 4 == run to 4 at once, critic included."""
+  overrides = {'num_steps': 4, 'checkpoint_every': 2, 'dpg.rewards': 'dino:0.5',
+               'dpg.instance_mse_weight': 1.0, 'dpg.critic.arch': 'embedding'}
+  full, resumed = str(tmp_path / 'full'), str(tmp_path / 'resumed')
+  train.train_and_evaluate(_loop_config(tiny_sd_dir, 'robust', overrides), full)
+  for n in (2, 4):
+    train.train_and_evaluate(_loop_config(tiny_sd_dir, 'robust', {**overrides, 'num_steps': n}),
+                             resumed)
+  rows = writers.read_metrics(resumed)
+  assert [r['step'] for r in rows] == [1, 2, 3, 4]
+  assert all(np.isfinite(r['critic_dino/cosine']) for r in rows)
+  config = _loop_config(tiny_sd_dir, 'robust', overrides)
+  target = _abstract_state(config, tiny_sd, full)
+  a, b = _restore_all(full, target)[4], _restore_all(resumed, target)[4]
+  assert a.critic['dino'].kind == 'embedding' and int(b.critic['dino'].step) == 4
+  _assert_trees_close(b, a, atol=0)

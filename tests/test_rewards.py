@@ -205,3 +205,32 @@ def test_image_rewards_need_models_and_references():
     rewards.build_rewards('dino', rewards.RewardContext())
   with pytest.raises(ValueError, match='reference images'):
     rewards.build_rewards('dino', rewards.RewardContext(dino=(None, None)))
+
+
+def test_embedding_rewards_expose_embedding_and_reference(tiny_encoders):
+  """dino / clip_image / clip_text: costs_and_embeddings gives the same costs as
+  `costs` (bit for bit) and the encoder's unit embedding; `reference` is what the
+  cost compares with; rewards without an embedding have none."""
+  dino, clip = tiny_encoders
+  refs, others = _images(0), _images(1)
+  ctx = rewards.RewardContext(reference_images=refs, dino=dino, clip=clip,
+                              prompts=['a photo of sks dog'], identifier='sks',
+                              reference_mode='per_image')
+  rs = rewards.build_rewards('dino:0.1,clip_image:1,clip_text:1,look_forward:1', ctx)
+  assert [t.embedding is not None for t in rs.terms] == [True, True, True, False]
+  assert [t.embedding.dim for t in rs.terms[:3]] == [dino[0].embed_dim, clip[0].embed_dim,
+                                                      clip[0].embed_dim]
+  batch = _image_batch(others, ref_ids=jnp.array([1, 0]))
+  names = ('dino', 'clip_image', 'clip_text')
+  costs, emb = jax.jit(lambda a, b: rs.costs_and_embeddings(a, b, embed=names))(rs.aux, batch)
+  plain = jax.jit(rs.costs)(rs.aux, batch)
+  for name in plain:
+    np.testing.assert_array_equal(costs[name], plain[name])
+  assert sorted(emb) == sorted(names)
+  np.testing.assert_allclose(emb['dino'], _unit(_embed(dino, others)), atol=1e-5)
+  np.testing.assert_allclose(emb['clip_image'], _unit(_embed(clip, others)), atol=1e-5)
+  for name in names:
+    ref = np.asarray(rs.reference(rs.aux, name, batch))
+    np.testing.assert_allclose(costs[name], _np_cosine_cost(emb[name], ref), atol=1e-5)
+  np.testing.assert_allclose(rs.reference(rs.aux, 'dino', batch),
+                             rs.aux['dino']['reference'][np.array([1, 0])])

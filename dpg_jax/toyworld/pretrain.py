@@ -360,10 +360,16 @@ def encode_all(sd, vae_params, images, batch_size=64):
   return data_lib.encode_images(lambda x: enc(vae_params, x), images, batch_size=batch_size)
 
 
-def stage_unet(workdir, config, images, scenes):
-  stage_dir = os.path.join(workdir, 'unet')
+def _after_vae(workdir, stage):
+  """(the stage's folder, created; the trained VAE's pipeline and params)."""
+  stage_dir = os.path.join(workdir, stage)
   os.makedirs(stage_dir, exist_ok=True)
   sd, params = models.load_stable_diffusion(os.path.join(workdir, 'vae', 'pipeline'))
+  return stage_dir, sd, params
+
+
+def stage_unet(workdir, config, images, scenes):
+  stage_dir, sd, params = _after_vae(workdir, 'unet')
   means, stds = _cached_arrays(
       os.path.join(stage_dir, 'latents.npz'), ('mean', 'std'),
       lambda: encode_all(sd, params['vae'], images))
@@ -430,9 +436,7 @@ def reconstruction_pool(workdir, config, sd, vae_params, images, scenes):
 
 def stage_judge(workdir, config, images, scenes):
   cfg = config.judge
-  stage_dir = os.path.join(workdir, 'judge')
-  os.makedirs(stage_dir, exist_ok=True)
-  sd, params = models.load_stable_diffusion(os.path.join(workdir, 'vae', 'pipeline'))
+  stage_dir, sd, params = _after_vae(workdir, 'judge')
   pool, pool_scenes = reconstruction_pool(workdir, config, sd, params['vae'], images, scenes)
   labels = world.label_arrays(pool_scenes)
   labels['secondary_valid'] = np.asarray([s.pattern != 'solid' for s in pool_scenes],
@@ -495,9 +499,7 @@ def _flip(x, rng):
 
 def stage_dino(workdir, config):
   cfg = config.dino
-  stage_dir = os.path.join(workdir, 'dino')
-  os.makedirs(stage_dir, exist_ok=True)
-  sd, params = models.load_stable_diffusion(os.path.join(workdir, 'vae', 'pipeline'))
+  stage_dir, sd, params = _after_vae(workdir, 'dino')
   recon = lambda x: reconstruct(sd, params['vae'], x)
 
   def make_views():
@@ -541,9 +543,7 @@ def stage_dino(workdir, config):
 
 def stage_clip(workdir, config, images, scenes):
   cfg = config.clip
-  stage_dir = os.path.join(workdir, 'clip')
-  os.makedirs(stage_dir, exist_ok=True)
-  sd, params = models.load_stable_diffusion(os.path.join(workdir, 'vae', 'pipeline'))
+  stage_dir, sd, params = _after_vae(workdir, 'clip')
   pool, pool_scenes = reconstruction_pool(workdir, config, sd, params['vae'], images, scenes)
   tok_dir = os.path.join(stage_dir, 'tokenizer')
   model_lib.write_tokenizer(tok_dir)   # the toy SD's: one token per toy-world word
