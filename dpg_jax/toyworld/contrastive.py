@@ -22,6 +22,7 @@ objects and on the toy subjects' photos) and `clip_zero_shot` (class, colour
 and context from text prompts alone).
 """
 import dataclasses
+import functools
 import os
 
 import flax
@@ -187,12 +188,18 @@ def clip_loss(encoder, params, batch, rng):
 # --------------------------------------------------------------------------- #
 # Measures
 # --------------------------------------------------------------------------- #
+@functools.partial(jax.jit, static_argnums=0)
+def _unit_embeddings(encoder, params, images):
+  # One compile per (encoder, batch shape): every measure reuses it.
+  return encoders.l2_normalize(encoder.embed_images(params, images))
+
+
 def embed(encoder, params, images_uint8, batch_size=64) -> np.ndarray:
   """Unit-norm image embeddings [N, D] (DINO [CLS] or CLIP image features)."""
-  fn = jax.jit(lambda p, x: encoders.l2_normalize(encoder.embed_images(p, x)))
   out = []
   for s in range(0, len(images_uint8), batch_size):
-    out.append(np.asarray(fn(params, jnp.asarray(images_uint8[s:s + batch_size]))))
+    out.append(np.asarray(_unit_embeddings(encoder, params,
+                                           jnp.asarray(images_uint8[s:s + batch_size]))))
   return np.concatenate(out)
 
 
