@@ -79,7 +79,15 @@ def get_config(protocol: str | None = None):
       'toy_dpg_robust': 'configs/tiny_dpg.py:robust',
       'toy_dpg_dino': 'configs/tiny_dpg_dino.py',
       'toy_dpg_clip_t': 'configs/tiny_dpg_clip_t.py',
+      'toy_custom_diffusion': 'configs/custom_diffusion.py:tiny',
+      'toy_custom_diffusion_dpg': 'configs/custom_diffusion_dpg.py:tiny',
+      'toy_lora': 'configs/lora.py:tiny',
+      'toy_lora_dpg': 'configs/lora_dpg.py:tiny',
   })
+  # Per-method overrides of its training config: method -> nested fields, e.g.
+  # c.method_overrides.my_variant = {'dpg': {'critic': {'init': 'zero_mean'}}}
+  # (with method_configs.my_variant naming the file it varies).
+  c.method_overrides = ml_collections.ConfigDict()
   # Overrides of every method's training config (None = keep the method's).
   c.train = ml_collections.ConfigDict()
   c.train.num_steps = config_dict.placeholder(int)
@@ -96,6 +104,10 @@ def get_config(protocol: str | None = None):
   # trainable state vmapped over a 'subject' mesh axis, one subject per device group):
   # 1 = one job per subject, K > 1 = groups of K, 0 = all of a method's subjects at once.
   c.subjects_at_once = 1
+  # Training processes (spawned) that train the queued runs while this one
+  # samples and scores the finished ones: on a CPU whose training steps leave
+  # cores idle (the toy world) 2 nearly doubles the throughput; 1 = in-process.
+  c.train_workers = 1
   # Training seeds, a second error axis: each (method, subject, seed) trains with
   # `seed` overridden, into runs/<method>/<subject>/seed<k>; the report adds the
   # standard error over seeds. () = each method's own seed, runs/<method>/<subject>.

@@ -19,6 +19,17 @@ training seeds. Kill and rerun the same command to resume. More subjects:
 --config.subjects="()" (all 8) or a tuple of names; the full method length:
 --config.train.num_steps=800.
 
+The tuning protocol (what the paper leaves open, tuned on half of the toy
+subjects, reported on the other half; one training seed per run):
+
+  python -m dpg_jax.evaluate --config=configs/eval_toy.py:tune --workdir=/tmp/toy_tune
+  python -m dpg_jax.evaluate --config=configs/eval_toy.py:heldout --workdir=/tmp/toy_heldout
+
+`:tune` trains TUNE_METHODS (the defaults and VARIANTS: the DINO-reward critic's
+init and architecture, look-forward's instance MSE and lambda) on
+TUNE_SUBJECTS; `:heldout` the winners, the defaults and Custom Diffusion / LoRA
+(alone and with DPG) on HELDOUT_SUBJECTS. README.md has both tables.
+
 Default size, sized for 60 minutes on the 2-core CPU. Measured, one cold
 (method, subject, seed) unit of this config at the methods' 800 steps, niced:
   DreamBooth (quiet machine; scored with tiny random encoders, before the toy
@@ -49,10 +60,45 @@ with other test runs beside it part of the time: the default is 400.
 from configs import eval_dreambench
 
 METHODS = ('toy_dreambooth', 'toy_dpg_faithful', 'toy_dpg_robust', 'toy_dpg_dino',
-           'toy_dpg_clip_t')
+           'toy_dpg_clip_t', 'toy_custom_diffusion', 'toy_custom_diffusion_dpg', 'toy_lora',
+           'toy_lora_dpg')
+
+# The tuning protocol (`:tune`, `:heldout`): what the paper leaves open is tuned
+# on the first half of the 8 toy subjects, one training seed each, and the
+# winners are reported on the other half.
+TUNE_SUBJECTS = ('orange_star', 'blue_heart', 'yellow_ring', 'red_house')
+HELDOUT_SUBJECTS = ('green_robot', 'purple_mug', 'white_star', 'green_heart')
+# name -> (config file it varies, overrides of its training config)
+VARIANTS = {
+    # The DINO-reward critic: zero-mean-initialised scalar, and embedding-regressing.
+    'toy_dpg_dino_zero_mean': ('configs/tiny_dpg_dino.py',
+                               {'dpg': {'critic': {'init': 'zero_mean'}}}),
+    'toy_dpg_dino_embedding': ('configs/tiny_dpg_dino.py',
+                               {'dpg': {'critic': {'arch': 'embedding'}}}),
+    # Look-forward with DreamBooth's instance loss kept, and with lambda 0.3.
+    'toy_dpg_faithful_mse': ('configs/tiny_dpg.py:faithful',
+                             {'dpg': {'instance_mse_weight': 1.0}}),
+    'toy_dpg_faithful_l03': ('configs/tiny_dpg.py:faithful',
+                             {'dpg': {'rewards': 'look_forward:0.3'}}),
+    # The second round, on the first round's best look-forward (instance MSE 1):
+    # lambda 3, and a 10x slower critic; the DINO reward at lambda 0.3.
+    'toy_dpg_faithful_mse_l3': ('configs/tiny_dpg.py:faithful',
+                                {'dpg': {'instance_mse_weight': 1.0,
+                                         'rewards': 'look_forward:3.0'}}),
+    'toy_dpg_faithful_mse_clr': ('configs/tiny_dpg.py:faithful',
+                                 {'dpg': {'instance_mse_weight': 1.0,
+                                          'critic': {'learning_rate': 0.001}}}),
+    'toy_dpg_dino_l03': ('configs/tiny_dpg_dino.py:0.3', {}),
+}
+TUNE_METHODS = ('toy_dreambooth', 'toy_dpg_faithful', 'toy_dpg_dino') + tuple(VARIANTS)
+HELDOUT_METHODS = ('toy_dreambooth', 'toy_dpg_faithful', 'toy_dpg_dino', 'toy_custom_diffusion',
+                   'toy_custom_diffusion_dpg', 'toy_lora', 'toy_lora_dpg')
+ARGS = ('', 'tune', 'heldout')
 
 
-def get_config():
+def get_config(arg: str = ''):
+  if arg not in ARGS:
+    raise ValueError(f'configs/eval_toy.py:{arg}: expected one of {ARGS[1:]} or none.')
   c = eval_dreambench.get_config()
   c.methods = METHODS
   c.dataset = 'toyworld'
@@ -61,6 +107,7 @@ def get_config():
   c.train_seeds = (0, 1, 2)
   c.train.num_steps = 400           # the methods' own: 800 (see the budget above)
   c.subjects_at_once = 1            # measured: several at once is no faster here
+  c.train_workers = 2               # two training processes: ~1.2 cores each (see above)
   c.seed = 0
   c.images_per_prompt = 2           # 26 images per (method, subject, seed)
   # The toy checks' sampling (dpg_jax/toyworld/checks.py): DDIM 20 steps, guidance 4.
@@ -72,4 +119,11 @@ def get_config():
   c.scorer.clip_model = 'toyworld'  # dpg_jax/toyworld/shipped/clip
   c.scorer.judge = 'toyworld'       # dpg_jax/toyworld/shipped/judge.msgpack
   c.scorer.batch_size = 32
+  for name, (path, overrides) in VARIANTS.items():
+    c.method_configs[name] = path
+    c.method_overrides[name] = overrides
+  if arg == 'tune':
+    c.methods, c.subjects, c.train_seeds = TUNE_METHODS, TUNE_SUBJECTS, (0,)
+  elif arg == 'heldout':
+    c.methods, c.subjects, c.train_seeds = HELDOUT_METHODS, HELDOUT_SUBJECTS, (0,)
   return c

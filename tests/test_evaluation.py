@@ -4,6 +4,7 @@ Encoders are the tiny random DINO / CLIP; the driver test swaps training for a
 copy of the tiny SD (train_fn), so it runs the real sampling, scoring, ledger
 and report code in well under a minute.
 """
+import functools
 import json
 import os
 import shutil
@@ -18,6 +19,7 @@ from dpg_jax import evaluation
 from dpg_jax import rewards
 from dpg_jax import sampling
 from dpg_jax.datasets import Subject
+from dpg_jax.evaluation import driver
 from dpg_jax.evaluation import ledger as ledger_lib
 from dpg_jax.evaluation import plan
 from dpg_jax.evaluation import report
@@ -406,6 +408,17 @@ def test_eval_configs_and_training_configs(tmp_path):
   assert (dino.dpg.rewards, clip_t.dpg.rewards) == ('dino:1.0', 'clip_text:1.0')
   assert dino.dpg.dino_model == clip_t.dpg.clip_model == 'toyworld' and dino.seed == 1
   assert dino.dpg.instance_mse_weight == clip_t.dpg.instance_mse_weight == 1.0
+  # Variants: a config file plus the method's own overrides, on top of which `train` applies.
+  tune = plan.load_config_file('configs/eval_toy.py:tune')
+  assert set(tune.subjects).isdisjoint(plan.load_config_file('configs/eval_toy.py:heldout').subjects)
+  zm, emb = (plan.training_config(tune, m, spec, str(tmp_path))
+             for m in ('toy_dpg_dino_zero_mean', 'toy_dpg_dino_embedding'))
+  assert (zm.dpg.critic.init, zm.dpg.critic.arch) == ('zero_mean', 'fully_conv')
+  assert (emb.dpg.critic.init, emb.dpg.critic.arch) == ('authors', 'embedding')
+  assert zm.dpg.rewards == 'dino:1.0' and zm.num_steps == 400
+  tune.method_overrides.toy_dpg_dino_zero_mean = {'dpg': {'critic': {'nit': 'zero_mean'}}}
+  with pytest.raises(KeyError, match=r'method_overrides\.toy_dpg_dino_zero_mean\.dpg\.critic\.nit'):
+    plan.training_config(tune, 'toy_dpg_dino_zero_mean', spec, str(tmp_path))
   full = plan.load_config_file('configs/eval_dreambench.py')
   assert plan.training_config(full, 'dreambooth', spec, str(tmp_path)).num_steps == 1000
   full.train.unknown_key = 1
@@ -521,6 +534,46 @@ def test_driver_resumes_without_duplicates_or_recompute(tmp_path, tiny_sd_dir, m
   config.sample.num_inference_steps = 3
   with pytest.raises(ValueError, match='other settings'):
     evaluation.run(config, workdir, train_fn=train_fn)
+
+
+def _copy_tiny_sd_in_a_worker(tiny_sd_dir, cfg, run_dir):
+  """A module-level train_fn (a spawned worker unpickles it): records its process."""
+  print(f'training {cfg.data.instance_dir}')  # to <run_dir>/train.log
+  if 'synthetic1' in run_dir and os.environ.get('DPG_TEST_FAIL_SECOND'):
+    raise ValueError('the second run fails')
+  shutil.copytree(tiny_sd_dir, os.path.join(run_dir, 'export'))
+  with open(os.path.join(run_dir, 'pid.txt'), 'w') as f:
+    f.write(str(os.getpid()))
+
+
+def test_driver_trains_in_worker_processes_and_resumes(tmp_path, tiny_sd_dir, monkeypatch,
+                                                       scorer):
+  monkeypatch.setattr(scorer_lib, 'make_scorer', lambda config, workdir: scorer)
+  config = _driver_config()
+  config.train_workers = 2
+  workdir = tmp_path / 'eval'
+  train_fn = functools.partial(_copy_tiny_sd_in_a_worker, tiny_sd_dir)
+  results = evaluation.run(config, str(workdir), train_fn=train_fn)
+  runs = [workdir / 'runs' / 'tiny' / f'synthetic{i}' for i in range(2)]
+  pids = {int((r / 'pid.txt').read_text()) for r in runs}
+  assert os.getpid() not in pids and len(pids) <= 2
+  assert all('training ' in (r / driver.TRAIN_LOG).read_text() for r in runs)
+  assert results['overall']['tiny']['num_subjects'] == 2
+  ledger = (workdir / ledger_lib.LEDGER).read_text()
+  # A rerun trains nothing and adds no unit.
+  for r in runs:
+    (r / 'pid.txt').unlink()
+  evaluation.run(config, str(workdir), train_fn=train_fn)
+  assert not any((r / 'pid.txt').exists() for r in runs)
+  assert (workdir / ledger_lib.LEDGER).read_text() == ledger
+  # A worker's failure stops the evaluation naming the run and its log.
+  monkeypatch.setenv('DPG_TEST_FAIL_SECOND', '1')
+  with pytest.raises(RuntimeError, match=r'tiny on synthetic1 failed.*the second run fails'
+                                         r'.*synthetic1/train\.log'):
+    evaluation.run(config, str(tmp_path / 'eval2'), train_fn=train_fn)
+  with pytest.raises(ValueError, match='config key train_workers=0'):
+    config.train_workers = 0
+    evaluation.validate_config(config)
 
 
 @pytest.mark.slow

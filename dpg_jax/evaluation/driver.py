@@ -47,6 +47,12 @@ def validate_config(config) -> None:
   if not isinstance(k, int) or k < 0:
     raise ValueError(f'config key subjects_at_once={k!r}: expected an integer >= 0 '
                      '(1 = one subject per job, 0 = all at once).')
+  w = config.get('train_workers', 1)
+  if not isinstance(w, int) or isinstance(w, bool) or w < 1:
+    raise ValueError(f'config key train_workers={w!r}: expected an integer >= 1.')
+  if w > 1 and k != 1:
+    raise ValueError(f'config key train_workers={w} trains one subject per process: it needs '
+                     f'subjects_at_once=1 (got {k}).')
   if config.prompts_limit < 0:
     raise ValueError(f'config key prompts_limit={config.prompts_limit}: expected >= 0.')
   if config.seed < 0 or config.seed + config.images_per_prompt > 2 ** 32:
@@ -107,6 +113,37 @@ def _default_train_many_fn(cfgs, run_dirs):
   multisubject.train_subjects(cfgs, run_dirs)
 
 
+TRAIN_LOG = 'train.log'   # a worker-trained run's console output, in its run directory
+
+
+def _init_train_worker(runtime_config) -> None:
+  """A training worker's process-wide set-up: the parent's runtime policy
+  (compile cache), no progress bars (their output goes to a log file)."""
+  os.environ['TQDM_DISABLE'] = '1'
+  from dpg_jax import sharding  # pylint: disable=g-import-not-at-top
+  logging.set_verbosity(logging.INFO)
+  sharding.setup_runtime(runtime_config)
+
+
+def _train_in_worker(train_fn, cfg, run_dir: str) -> float:
+  """Runs `train_fn(cfg, run_dir)` with the process's output in <run_dir>/train.log;
+  returns its seconds."""
+  os.makedirs(run_dir, exist_ok=True)
+  t0 = time.perf_counter()
+  with open(os.path.join(run_dir, TRAIN_LOG), 'a', encoding='utf-8') as log:
+    saved = os.dup(1), os.dup(2)
+    os.dup2(log.fileno(), 1)
+    os.dup2(log.fileno(), 2)
+    try:
+      train_fn(cfg, run_dir)
+    finally:
+      os.dup2(saved[0], 1)
+      os.dup2(saved[1], 2)
+      os.close(saved[0])
+      os.close(saved[1])
+  return time.perf_counter() - t0
+
+
 def run(config: ml_collections.ConfigDict, workdir: str, *,
         train_fn: Callable[[Any, str], Any] | None = None,
         train_many_fn: Callable[[list, list], Any] | None = None) -> dict:
@@ -120,6 +157,12 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
     train_many_fn: `train_many_fn(training_configs, run_dirs)` trains several
       subjects in one job (config.subjects_at_once != 1); default
       `multisubject.train_subjects`.
+
+  With config.train_workers = N > 1, every pending run is queued at the start
+  to N training processes (spawned: `train_fn` must be a module-level
+  function), which train while this process samples and scores the runs
+  already finished, in the usual order; each run's output goes to
+  <run_dir>/train.log.
 
   Returns:
     The results dict also written to <workdir>/results.json.
@@ -157,6 +200,7 @@ class Evaluator:
     self.train_seeds = plan.training_seeds(config)  # [None]: each method's own seed
     # (method, subject, training seed or None) -> cfg, (hash, fields)
     self.train_configs, self.fingerprints = {}, {}
+    self._pool, self._futures = None, {}  # train_workers > 1: run -> (future, run_dir, record)
 
   @property
   def scorer(self) -> scorer_lib.Scorer:
@@ -206,11 +250,14 @@ class Evaluator:
         self._train_together(m, k)
     bar = tqdm.tqdm(total=len(self.units), initial=n_done, desc='eval', dynamic_ncols=True)
     try:
+      self._queue_training()
       for spec in self.specs:
         self._subject(spec, bar)
         self.report()
     finally:
       bar.close()
+      if self._pool is not None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
     results = self.report()
     logging.info('Results in %s\n%s', os.path.join(self.workdir, 'results.md'),
                  report_lib.format_table(results['overall'], self.methods + [report_lib.REAL]))
@@ -262,9 +309,59 @@ class Evaluator:
             and r['method'] == method and r.get('train_fingerprint') == fp
             and r.get('train_seed') == seed]
 
+  def _queue_training(self) -> None:
+    """config.train_workers > 1: every run with units to do and no finished
+    training is queued, in the order the subject loop needs them."""
+    workers = self.config.get('train_workers', 1)
+    if workers == 1:
+      return
+    import concurrent.futures  # pylint: disable=g-import-not-at-top
+    import multiprocessing  # pylint: disable=g-import-not-at-top
+    pending = []
+    for spec in self.specs:
+      name = spec.subject.name
+      for m in self.methods:
+        for k in self.train_seeds:
+          if any(self._unit(m, name, k, i) not in self.ledger
+                 for i in range(len(self.prompts[name]))):
+            run_dir, record = self._start_run(m, name, k)
+            if record is not None:
+              pending.append(((m, name, k), run_dir, record))
+    if not pending:
+      return
+    runtime = ml_collections.ConfigDict({
+        'compilation_cache_dir': jax.config.jax_compilation_cache_dir or 'none',
+        'distributed': False})
+    logging.info('Training %d runs in %d worker processes (each run logs to '
+                 '<run_dir>/%s) while this one samples and scores.', len(pending), workers,
+                 TRAIN_LOG)
+    # spawn, not fork: this process has a running JAX runtime.
+    self._pool = concurrent.futures.ProcessPoolExecutor(
+        max_workers=workers, mp_context=multiprocessing.get_context('spawn'),
+        initializer=_init_train_worker, initargs=(runtime,))
+    for run, run_dir, record in pending:
+      future = self._pool.submit(_train_in_worker, self.train_fn, self.train_configs[run],
+                                 run_dir)
+      self._futures[run] = future, run_dir, record
+
   def _trained_run(self, cfg, method: str, name: str, seed: int | None) -> str:
     """<workdir>/runs/<method>/<subject>[/seed<k>], trained unless finished with these
     settings."""
+    if (method, name, seed) in self._futures:  # queued to a training worker
+      future, run_dir, record = self._futures.pop((method, name, seed))
+      with self.timer('wait_for_training', 1):
+        try:
+          seconds = future.result()
+        except Exception as e:
+          raise RuntimeError(f'Training {method} on {name} failed in its worker process: '
+                             f'{type(e).__name__}: {e} (its output: '
+                             f'{os.path.join(run_dir, TRAIN_LOG)}).') from e
+      logging.info('Trained %s on %s in %.0fs (a worker; log %s)', method, name, seconds,
+                   os.path.join(run_dir, TRAIN_LOG))
+      ledger_lib.finish_run(run_dir, record, method, name)
+      if not self.config.keep_checkpoints:
+        shutil.rmtree(os.path.join(run_dir, 'checkpoints'), ignore_errors=True)
+      return run_dir
     run_dir, record = self._start_run(method, name, seed)
     if record is not None:
       logging.info('Training %s on %s into %s', method, name, run_dir)
