@@ -77,6 +77,7 @@ def get_config(protocol: str | None = None):
       'toy_dreambooth': 'configs/tiny.py',
       'toy_dpg_faithful': 'configs/tiny_dpg.py:faithful',
       'toy_dpg_robust': 'configs/tiny_dpg.py:robust',
+      'toy_dpg_tuned': 'configs/tiny_dpg.py:tuned',
       'toy_dpg_dino': 'configs/tiny_dpg_dino.py',
       'toy_dpg_clip_t': 'configs/tiny_dpg_clip_t.py',
       'toy_custom_diffusion': 'configs/custom_diffusion.py:tiny',
@@ -86,7 +87,7 @@ def get_config(protocol: str | None = None):
   })
   # Per-method overrides of its training config: method -> nested fields, e.g.
   # c.method_overrides.my_variant = {'dpg': {'critic': {'init': 'zero_mean'}}}
-  # (with method_configs.my_variant naming the file it varies).
+  # (with method_configs.my_variant naming the file it varies); applied after `train`.
   c.method_overrides = ml_collections.ConfigDict()
   # Overrides of every method's training config (None = keep the method's).
   c.train = ml_collections.ConfigDict()

@@ -416,6 +416,8 @@ def test_eval_configs_and_training_configs(tmp_path):
   assert (zm.dpg.critic.init, zm.dpg.critic.arch) == ('zero_mean', 'fully_conv')
   assert (emb.dpg.critic.init, emb.dpg.critic.arch) == ('authors', 'embedding')
   assert zm.dpg.rewards == 'dino:1.0' and zm.num_steps == 400
+  # A method's override wins over `train` (the base row: 0 of the table's 400 steps).
+  assert plan.training_config(toy, 'toy_base', spec, str(tmp_path)).num_steps == 0
   tune.method_overrides.toy_dpg_dino_zero_mean = {'dpg': {'critic': {'nit': 'zero_mean'}}}
   with pytest.raises(KeyError, match=r'method_overrides\.toy_dpg_dino_zero_mean\.dpg\.critic\.nit'):
     plan.training_config(tune, 'toy_dpg_dino_zero_mean', spec, str(tmp_path))
@@ -911,9 +913,9 @@ def test_toy_dreambench_end_to_end(tmp_path):
   from dpg_jax.toyworld import weights  # pylint: disable=g-import-not-at-top
   config = plan.load_config_file('configs/eval_toy.py')
   config.subjects = ('orange_star',)
-  config.method_configs.toy_base = 'configs/tiny.py'
   config.methods = ('toy_base', 'toy_dreambooth', 'toy_dpg_dino')
   config.train_seeds = ()
+  config.train_workers = 1              # train_fn below is local: in this process
   config.prompts_limit = 2              # 'on the grass', 'in the snow'
   config.images_per_prompt = 4
   config.sample.batch_size = 8

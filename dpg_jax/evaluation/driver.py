@@ -119,10 +119,19 @@ TRAIN_LOG = 'train.log'   # a worker-trained run's console output, in its run di
 def _init_train_worker(runtime_config) -> None:
   """A training worker's process-wide set-up: the parent's runtime policy
   (compile cache), no progress bars (their output goes to a log file)."""
-  os.environ['TQDM_DISABLE'] = '1'
+  init = tqdm.tqdm.__init__
+
+  def quiet_init(self, *args, **kwargs):
+    kwargs['disable'] = True  # over the caller's: a log file needs no progress bars
+    init(self, *args, **kwargs)
+
+  tqdm.tqdm.__init__ = quiet_init
+  from dpg_jax import cli  # pylint: disable=g-import-not-at-top
   from dpg_jax import sharding  # pylint: disable=g-import-not-at-top
+  sharding.setup_runtime(runtime_config)  # before INFO: its line would reach the console
+  logging.use_absl_handler()  # the main process's log format and filters
   logging.set_verbosity(logging.INFO)
-  sharding.setup_runtime(runtime_config)
+  cli.quiet_logging()
 
 
 def _train_in_worker(train_fn, cfg, run_dir: str) -> float:

@@ -185,11 +185,12 @@ def training_config(config, method: str, spec: SubjectSpec, workdir: str,
     raise ValueError(f'config key methods: unknown method {method!r}; config key '
                      f'method_configs has {sorted(config.method_configs)}.')
   cfg = load_config_file(config.method_configs[method])
-  # A method's own overrides (a variant of a config file without a file of its own).
+  apply_overrides(cfg, config.train, 'train')
+  # A method's own overrides (a variant of a config file without a file of its own),
+  # after `train`: the more specific setting wins.
   method_overrides = config.get('method_overrides') or {}
   if method in method_overrides:
     apply_overrides(cfg, method_overrides[method], f'method_overrides.{method}')
-  apply_overrides(cfg, config.train, 'train')
   d = cfg.data
   d.synthetic, d.subject, d.instance_dir = False, '', ''
   for k, v in spec.data_overrides.items():
