@@ -5,11 +5,17 @@
 Toy subjects (dataset 'toyworld', rendered by dpg_jax/toyworld/subjects.py) x
 METHODS x the 13 toy prompts x 3 training seeds, on the shipped toy-world SD:
 
-  toy_dreambooth     configs/tiny.py (DreamBooth, the embedded default)
-  toy_dpg_faithful   configs/tiny_dpg.py:faithful (DPG look-forward, the authors' critic)
-  toy_dpg_robust     configs/tiny_dpg.py:robust   (DPG look-forward, robust critic)
-  toy_dpg_dino       configs/tiny_dpg_dino.py     (DPG, toy-DINO reward, lambda 1)
-  toy_dpg_clip_t     configs/tiny_dpg_clip_t.py   (DPG, toy-CLIP-T reward, lambda 1)
+  toy_base                  configs/tiny.py at 0 steps (the untrained base)
+  toy_dreambooth            configs/tiny.py (DreamBooth, the embedded default)
+  toy_dpg_faithful          configs/tiny_dpg.py:faithful (DPG look-forward, the authors' critic)
+  toy_dpg_robust            configs/tiny_dpg.py:robust   (DPG look-forward, robust critic)
+  toy_dpg_tuned             configs/tiny_dpg.py:tuned    (DPG look-forward, tuned: `:tune`)
+  toy_dpg_dino              configs/tiny_dpg_dino.py     (DPG, toy-DINO reward, lambda 1)
+  toy_dpg_clip_t            configs/tiny_dpg_clip_t.py   (DPG, toy-CLIP-T reward, lambda 1)
+  toy_custom_diffusion      configs/custom_diffusion.py:tiny
+  toy_custom_diffusion_dpg  configs/custom_diffusion_dpg.py:tiny (+ DPG look-forward, robust)
+  toy_lora                  configs/lora.py:tiny (rank 4)
+  toy_lora_dpg              configs/lora_dpg.py:tiny (+ DPG look-forward, robust)
 
 scored with the toy DINO / CLIP-I / CLIP-T (dpg_jax/toyworld/shipped/{dino,clip})
 and the judge (Judge subject: its probability of the subject's attributes;
@@ -30,32 +36,17 @@ init and architecture, look-forward's instance MSE and lambda) on
 TUNE_SUBJECTS; `:heldout` the winners, the defaults and Custom Diffusion / LoRA
 (alone and with DPG) on HELDOUT_SUBJECTS. README.md has both tables.
 
-Default size, sized for 60 minutes on the 2-core CPU. Measured, one cold
-(method, subject, seed) unit of this config at the methods' 800 steps, niced:
-  DreamBooth (quiet machine; scored with tiny random encoders, before the toy
-      ones shipped) 190 s: train 150 s (set-up 58 s = 8 class images + 36 s
-      train-step compile; 800 steps at 8.8 steps/s = 91 s), sampling 26
-      images 21 s, scoring 7 s (compiles included);
-  DPG CLIP-T reward, the slowest (machine shared with a pretraining job,
-      load ~3.5) 371 s: train 306 s (set-up 91 s, compile 51 s; 800 steps at
-      3.75 steps/s = 213 s), sampling 45 s, scoring 11 s;
-  under the same load: DPG DINO reward 4.8 steps/s (tiny random DINO as the
-      reward encoder, before the toy one shipped; compile 69 s), DPG
-      look-forward 5.0 steps/s (compile 73 s). DreamBooth on two subjects
-      at once (subjects_at_once=2, same load) ran 2.0 steps/s for the pair,
-      4.0 subject-steps/s: no gain over one at a time, so 1.
-A further unit, measured: DreamBooth with a second training seed in the same
-workdir (its train step from <workdir>/xla_cache, new class images for the
-new seed), a new process: 171 s = train 142 s (set-up 43 s: class images and
-a 21 s trace + cache hit, which every run pays again; 800 steps at 8.2
-steps/s = 98 s), sampling 9 s, scoring 6 s, references 5 s. So a unit costs
-its steps + ~58 s (DreamBooth: that set-up with the (class, seed)'s class
-images, + 15 s sampling and scoring) or, estimated, ~50 s (a DPG method:
-class images shared, a longer trace than DreamBooth's). That estimate put
-400 steps at ~65 min; the whole default table, run at 400 steps (2 subjects x
-5 methods x 3 seeds = 30 runs, 780 images), took 50.5 min end to end on this
-CPU (sampling 172 s, scoring 68 s, compiles included; the rest training),
-with other test runs beside it part of the time: the default is 400.
+Default size, sized for 60 minutes on the 2-core CPU: 2 subjects x 11 methods x
+3 seeds = 66 runs of 400 steps (the methods' own: 800), 26 images each. A toy
+training process keeps ~1.2 of the 2 cores busy (its steps are many small XLA
+ops), so two training workers (train_workers=2) train the queued runs while
+the main process samples and scores: the 5-method table of the previous
+default (30 runs) took 50.5 min in one process; measured with two workers,
+cold workdir, this default took 49.7 min (66 runs: the main process waited
+32.5 min for training in all, sampled 1,716 images in 9.6 min and scored them in
+4.0 min, compiles included), and reproduced the old rows' figures exactly.
+Several subjects in one job (subjects_at_once=2, measured: 2.0 steps/s for the
+pair, 4.0 subject-steps/s) is no faster than one at a time, so 1.
 """
 from configs import eval_dreambench
 

@@ -625,12 +625,14 @@ def set_up(config: ml_collections.ConfigDict, workdir: str) -> Run:
       frozen_sh = jax.tree.map(lambda _: sharding.replicated(mesh), step_frozen)
     rng = sharding.put_global(np.asarray(jax.random.PRNGKey(config.seed + 1)),
                               sharding.replicated(mesh))
-    first_batch = sharding.put_batch(host_batch(latents, prompt_batch, step=1, config=config),
-                                     mesh)
-    step_fn, compile_s = compile_ahead(compile_train_step(spec, mesh, state_sh, frozen_sh),
-                                       abstract, first_batch, rng, step_frozen)
-    logging.info('Compiled the train step in %.1fs', compile_s)
-    del first_batch
+    step_fn = None  # num_steps=0 (a base-model row of an evaluation): nothing to compile
+    if config.num_steps > 0:
+      first_batch = sharding.put_batch(
+          host_batch(latents, prompt_batch, step=1, config=config), mesh)
+      step_fn, compile_s = compile_ahead(compile_train_step(spec, mesh, state_sh, frozen_sh),
+                                         abstract, first_batch, rng, step_frozen)
+      logging.info('Compiled the train step in %.1fs', compile_s)
+      del first_batch
     state, _ = create_sharded_state(spec, trainable, init_rng, mesh, rules,
                                     donate_trainable=True)
     del trainable

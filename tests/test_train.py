@@ -345,6 +345,21 @@ def test_non_finite_run_stops_without_checkpoint(tiny_sd_dir, tmp_path):
   ck.close()
 
 
+def test_zero_steps_exports_the_base_without_compiling(tiny_sd, tiny_sd_dir, tmp_path,
+                                                        monkeypatch):
+  """num_steps=0 (an evaluation's base-model row): the export is the base itself."""
+  def no_compile(*args, **kwargs):
+    raise AssertionError('compiled a train step that never runs')
+  monkeypatch.setattr(train, 'compile_ahead', no_compile)
+  config = _config(num_steps=0, export=True, prior_preservation=False)
+  _run(config, tmp_path / 'base', tiny_sd_dir)
+  from dpg_jax import models  # pylint: disable=g-import-not-at-top
+  _, base = tiny_sd
+  _, exported = models.load_stable_diffusion(str(tmp_path / 'base' / 'export'))
+  for name in ('unet', 'text_encoder'):
+    jax.tree.map(np.testing.assert_array_equal, exported[name], base[name])
+
+
 # --------------------------------------------------------------------------- #
 # Bad input: clear errors before any model load or compile.
 # --------------------------------------------------------------------------- #

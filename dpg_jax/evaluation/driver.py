@@ -14,6 +14,8 @@ import contextlib
 import hashlib
 import os
 import shutil
+import signal
+import sys
 import time
 from typing import Any, Callable, Sequence
 
@@ -266,7 +268,7 @@ class Evaluator:
     finally:
       bar.close()
       if self._pool is not None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._stop_workers(interrupted=sys.exc_info()[0] is not None)
     results = self.report()
     logging.info('Results in %s\n%s', os.path.join(self.workdir, 'results.md'),
                  report_lib.format_table(results['overall'], self.methods + [report_lib.REAL]))
@@ -344,7 +346,9 @@ class Evaluator:
     logging.info('Training %d runs in %d worker processes (each run logs to '
                  '<run_dir>/%s) while this one samples and scores.', len(pending), workers,
                  TRAIN_LOG)
-    # spawn, not fork: this process has a running JAX runtime.
+    # spawn, not fork: this process has a running JAX runtime. Class images that
+    # runs share are written atomically: two workers may both generate a set
+    # (the same images), which costs time, never a torn file.
     self._pool = concurrent.futures.ProcessPoolExecutor(
         max_workers=workers, mp_context=multiprocessing.get_context('spawn'),
         initializer=_init_train_worker, initargs=(runtime,))
@@ -352,6 +356,17 @@ class Evaluator:
       future = self._pool.submit(_train_in_worker, self.train_fn, self.train_configs[run],
                                  run_dir)
       self._futures[run] = future, run_dir, record
+
+  def _stop_workers(self, interrupted: bool) -> None:
+    """Cancels queued runs; when this process stops early (an error, a kill), the
+    runs in training get SIGTERM: each saves a checkpoint and stops (the rerun
+    resumes it) instead of training to the end unattended."""
+    if interrupted:
+      for p in list(getattr(self._pool, '_processes', {}).values()):
+        if p.is_alive():
+          os.kill(p.pid, signal.SIGTERM)
+    self._pool.shutdown(wait=True, cancel_futures=True)
+    self._pool, self._futures = None, {}
 
   def _trained_run(self, cfg, method: str, name: str, seed: int | None) -> str:
     """<workdir>/runs/<method>/<subject>[/seed<k>], trained unless finished with these
