@@ -4,8 +4,8 @@ configs/custom_diffusion.py plus the DPG terms of configs/dreambooth_dpg.py:
 critic on (x_0 - x0_hat)^2, policy loss = prior MSE + gamma**t * Q. The policy
 gradient reaches only Custom Diffusion's parameters (cross-attention k/v and
 the <new1> row). The argument picks the critic preset ('faithful', the
-authors', by default, or 'robust'); 'tiny' runs the tiny random SD offline
-with the robust critic.
+authors', by default, or 'robust'); 'tiny' runs the shipped toy-world SD
+(configs/tiny.py) offline with the robust critic.
 
   python -m dpg_jax.main --config=configs/custom_diffusion_dpg.py --workdir=runs/cat \
     --config.data.instance_dir=photos/cat --config.data.class_noun=cat

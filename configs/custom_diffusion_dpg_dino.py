@@ -4,7 +4,8 @@ configs/custom_diffusion.py plus the terms of configs/dreambooth_dpg_dino.py:
 the critic (input x0_hat) learns 1 - cos(DINO(D(x0_hat)), k); the policy
 minimises prior MSE + instance MSE + lambda * Q, its gradient reaching only
 Custom Diffusion's parameters. The argument sets lambda (default 1.0);
-'tiny' runs the tiny random SD with tiny random DINO, offline.
+'tiny' runs the shipped toy-world SD (configs/tiny.py) with a tiny random DINO
+(a plumbing check), offline.
 
   python -m dpg_jax.main --config=configs/custom_diffusion_dpg_dino.py:0.1 --workdir=runs/robot \
     --config.data.instance_dir=photos/robot_toy --config.data.class_noun=toy

@@ -2,7 +2,7 @@
 
 configs/lora.py plus the DPG terms of configs/dreambooth_dpg.py. The argument
 picks the critic preset ('faithful' by default, or 'robust'); 'tiny' runs the
-tiny random SD offline with the robust critic.
+shipped toy-world SD (configs/tiny.py) offline with the robust critic.
 
   python -m dpg_jax.main --config=configs/lora_dpg.py --workdir=runs/dog \
     --config.data.instance_dir=photos/dog --config.data.class_noun=dog
