@@ -333,8 +333,7 @@ class Evaluator:
       name = spec.subject.name
       for m in self.methods:
         for k in self.train_seeds:
-          if any(self._unit(m, name, k, i) not in self.ledger
-                 for i in range(len(self.prompts[name]))):
+          if self._has_todo(m, name, k):
             run_dir, record = self._start_run(m, name, k)
             if record is not None:
               pending.append(((m, name, k), run_dir, record))
@@ -373,29 +372,31 @@ class Evaluator:
     settings."""
     if (method, name, seed) in self._futures:  # queued to a training worker
       future, run_dir, record = self._futures.pop((method, name, seed))
+      log = os.path.join(run_dir, TRAIN_LOG)
       with self.timer('wait_for_training', 1):
         try:
           seconds = future.result()
         except Exception as e:
           raise RuntimeError(f'Training {method} on {name} failed in its worker process: '
-                             f'{type(e).__name__}: {e} (its output: '
-                             f'{os.path.join(run_dir, TRAIN_LOG)}).') from e
-      logging.info('Trained %s on %s in %.0fs (a worker; log %s)', method, name, seconds,
-                   os.path.join(run_dir, TRAIN_LOG))
-      ledger_lib.finish_run(run_dir, record, method, name)
-      if not self.config.keep_checkpoints:
-        shutil.rmtree(os.path.join(run_dir, 'checkpoints'), ignore_errors=True)
-      return run_dir
-    run_dir, record = self._start_run(method, name, seed)
+                             f'{type(e).__name__}: {e} (its output: {log}).') from e
+      logging.info('Trained %s on %s in %.0fs (a worker; log %s)', method, name, seconds, log)
+    else:
+      run_dir, record = self._start_run(method, name, seed)
+      if record is not None:
+        logging.info('Training %s on %s into %s', method, name, run_dir)
+        with self.timer('train', 1):
+          self.train_fn(cfg, run_dir)
     if record is not None:
-      logging.info('Training %s on %s into %s', method, name, run_dir)
-      with self.timer('train', 1):
-        self.train_fn(cfg, run_dir)
       ledger_lib.finish_run(run_dir, record, method, name)
     if not self.config.keep_checkpoints:
       # The export holds the final weights; checkpoints only serve resuming.
       shutil.rmtree(os.path.join(run_dir, 'checkpoints'), ignore_errors=True)
     return run_dir
+
+  def _has_todo(self, method: str, name: str, seed: int | None) -> bool:
+    """Whether (method, subject, seed) has a prompt unit not in the ledger."""
+    return any(self._unit(method, name, seed, i) not in self.ledger
+               for i in range(len(self.prompts[name])))
 
   def _start_run(self, method: str, name: str, seed: int | None):
     """(run_dir, None) if finished with these settings, else (run_dir, record) ready to train."""
@@ -411,12 +412,8 @@ class Evaluator:
     k = self.config.get('subjects_at_once', 1)
     if k == 1:
       return
-    pending = []
-    for spec in self.specs:
-      name = spec.subject.name
-      if any(self._unit(method, name, seed, i) not in self.ledger
-             for i in range(len(self.prompts[name]))):
-        pending.append(name)
+    pending = [spec.subject.name for spec in self.specs
+               if self._has_todo(method, spec.subject.name, seed)]
     runs = [(name, *self._start_run(method, name, seed)) for name in pending]
     runs = [r for r in runs if r[2] is not None]
     k = k or len(runs)
