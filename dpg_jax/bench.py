@@ -391,7 +391,7 @@ def _isolated(variant: str, steps: int) -> dict:
 
 
 def _fmt(v) -> str:
-  return v if isinstance(v, str) else f'{v:.4g}'
+  return v if isinstance(v, str) else str(v) if isinstance(v, bool) else f'{v:.4g}'
 
 
 def print_table(rows, keys) -> None:
@@ -445,7 +445,7 @@ def main(argv):
             f'text_encoder_trained={config.train_text_encoder} remat={config.model.remat} '
             f'attention={config.model.attention} opt_state={config.optimizer_state_dtype}')
   print('\n' + header)
-  print_table(rows, ('variant', 'compile_s', 'trace_s', 's_per_step', 'images_per_s',
+  print_table(rows, ('variant', 'compile_s', 'trace_s', 'cache_hit', 's_per_step', 'images_per_s',
                      'peak_mem_gib', 'trainable_m', 'opt_state_gib',
                      'xla_args_gib', 'xla_temp_gib', 'xla_alias_gib', 'gflop_per_step',
                      'tflop_per_s', 'mfu', 'step_ratio_vs_first', 'error'))

@@ -188,7 +188,8 @@ def train_subjects(configs, workdirs) -> list:
     step_fn = jax.jit(
         subject_step(spec, mesh, axes),
         in_shardings=(state_sh, sharding.batch_sharded(mesh, subject_axis=True), subj, frozen_sh),
-        out_shardings=(state_sh, subj), donate_argnums=(0,))
+        out_shardings=(state_sh, subj), donate_argnums=(0,),
+        compiler_options=sharding.compiler_options(mesh, wide_convs=spec.wide_convs))
 
     start = _restore(subjects, spec, state_sh, shapes, mesh, checked)
     if start:

@@ -71,6 +71,12 @@ class StepSpec:
   lr_schedule: optax.Schedule    # the optimiser's own, for logging
   dpg: Any = None                # dpg_lib.DPG or None
   peft: Any = None               # an adapters method (Custom Diffusion, LoRA) or None
+  wide_convs: bool = False       # SD1.x-width UNet: XLA:CPU options for big convolutions
+
+
+# UNets at least this wide (SD1.x: 320-1280 channels; the toy world: 32-64) get
+# XLA:CPU's options for big convolutions (sharding.compiler_options).
+WIDE_CONV_CHANNELS = 256
 
 
 def make_step_spec(sd, config, dpg: 'dpg_lib.DPG | None' = None, peft=None) -> StepSpec:
@@ -86,7 +92,8 @@ def make_step_spec(sd, config, dpg: 'dpg_lib.DPG | None' = None, peft=None) -> S
       train_text_encoder=adapters.text_in_step(config),
       prior_preservation=config.prior_preservation, prior_loss_weight=config.prior_loss_weight,
       prediction_type=pred_type, optimizer=opt.tx, lr_schedule=opt.lr_schedule, dpg=dpg,
-      peft=peft)
+      peft=peft,
+      wide_convs=max(sd.unet.block_out_channels) >= WIDE_CONV_CHANNELS)
 
 
 def _mse(a, b):
@@ -233,7 +240,8 @@ def compile_train_step(spec: StepSpec, mesh, state_shardings, frozen_shardings=N
       step,
       in_shardings=(state_shardings, batch_sh, repl, frozen_shardings),
       out_shardings=(state_shardings, repl),
-      donate_argnums=(0,), compiler_options=sharding.compiler_options(mesh))
+      donate_argnums=(0,),
+      compiler_options=sharding.compiler_options(mesh, wide_convs=spec.wide_convs))
 
 
 def abstract_state(spec: StepSpec, trainable, rng, mesh, param_sharding='replicate'):
@@ -265,20 +273,42 @@ def create_sharded_state(spec: StepSpec, trainable, rng, mesh, param_sharding='r
   return rest.replace(params=params), shardings
 
 
+@functools.cache
+def _cache_hits() -> list:
+  """[n]: persistent compilation cache hits so far in this process (JAX's
+  monitoring event, counted from the first call on)."""
+  hits = [0]
+
+  def count(event, **kwargs):
+    del kwargs
+    if event == '/jax/compilation_cache/cache_hits':
+      hits[0] += 1
+
+  jax.monitoring.register_event_listener(count)
+  return hits
+
+
 def compile_ahead(step_fn, abstract, batch, rng, frozen, timings: dict | None = None):
   """The step compiled for `abstract` state, before any state is allocated.
 
   XLA:CPU's compile of the SD1.4-shape step takes ~2 GiB of host memory for a
   minute; compiled first, that peak never adds to the state's 9.6 GiB.
+  timings (if given) gets trace_s, xla_compile_s and cache_hit (the executable
+  was loaded from the persistent compilation cache).
   """
+  hits = _cache_hits()
   t0 = time.perf_counter()
   lowered = step_fn.lower(abstract, batch, rng, frozen)
   t1 = time.perf_counter()
+  before = hits[0]
   compiled = lowered.compile()   # a persistent-cache hit only loads the executable
   t2 = time.perf_counter()
-  host_memory.trim()   # the compiler's ~1 GiB of freed heap, back to the OS
+  # The lowered module (~0.6 GiB at SD1.4 size) goes before the trim, so that
+  # its pages go back to the OS with the compiler's leftovers.
+  del lowered
+  host_memory.trim()
   if timings is not None:   # tracing is never cached; the XLA compile is
-    timings.update(trace_s=t1 - t0, xla_compile_s=t2 - t1)
+    timings.update(trace_s=t1 - t0, xla_compile_s=t2 - t1, cache_hit=hits[0] > before)
   return compiled, t2 - t0
 
 
@@ -629,9 +659,12 @@ def set_up(config: ml_collections.ConfigDict, workdir: str) -> Run:
     if config.num_steps > 0:
       first_batch = sharding.put_batch(
           host_batch(latents, prompt_batch, step=1, config=config), mesh)
+      timings = {}
       step_fn, compile_s = compile_ahead(compile_train_step(spec, mesh, state_sh, frozen_sh),
-                                         abstract, first_batch, rng, step_frozen)
-      logging.info('Compiled the train step in %.1fs', compile_s)
+                                         abstract, first_batch, rng, step_frozen, timings)
+      logging.info('Compiled the train step in %.1fs%s', compile_s,
+                   ' (loaded from the persistent compilation cache)' if timings['cache_hit']
+                   else '')
       del first_batch
     state, _ = create_sharded_state(spec, trainable, init_rng, mesh, rules,
                                     donate_trainable=True)

@@ -306,3 +306,22 @@ def test_fsdp_step_gathers_weights_not_activations(tiny_sd_dir, monkeypatch):
   assert not others, f'activations all-gathered ([shape], dim): {others}'
   # The weights are gathered before use (not left sharded).
   assert any(tuple(shape) in weights for shape, _ in res['gathers']), res
+
+
+def test_cpu_compiler_options_follow_the_mesh_and_the_model_width(tiny_sd):
+  from dpg_jax import train  # pylint: disable=g-import-not-at-top
+  mesh = sharding.make_mesh(1)
+  assert sharding.compiler_options(mesh) is None   # toy / tiny widths: XLA's defaults
+  wide = sharding.compiler_options(mesh, wide_convs=True)
+  assert wide == {'xla_cpu_scheduler_type': 'CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED',
+                  'xla_cpu_experimental_ynn_fusion_type': ''}
+  # XLA takes them (a misspelt option or value is refused at compile time).
+  jax.jit(lambda x: x * 2, compiler_options=wide).lower(np.ones(3)).compile()
+  sd, _ = tiny_sd
+  config = ml_collections.ConfigDict(dict(
+      prediction_type='', batch_size=1, grad_accum_steps=1, prior_preservation=False,
+      prior_loss_weight=1.0, train_text_encoder=False, learning_rate=1e-4, lr_schedule='constant',
+      warmup_steps=0, num_steps=1, adam_b1=0.9, adam_b2=0.999, adam_eps=1e-8,
+      weight_decay=0.0, max_grad_norm=1.0, optimizer_state_dtype='float32'))
+  assert not train.make_step_spec(sd, config).wide_convs
+  assert train.WIDE_CONV_CHANNELS <= 320   # SD1.x's narrowest block

@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import uuid
 
 import jax
 import jax.numpy as jnp
@@ -458,3 +459,23 @@ def test_sample_mode_from_export_and_from_checkpoint(tiny_sd_dir, tmp_path):
   config.sample.source = str(tmp_path)
   with pytest.raises(FileNotFoundError, match='no exported pipeline'):
     sample.sample_and_save(config, str(tmp_path))
+
+
+def test_compile_ahead_says_when_the_persistent_cache_served_the_step():
+  # A program no other run compiled (its constant is new): the first compile
+  # writes the cache entry, the second (in-memory caches cleared) loads it.
+  c = float(uuid.uuid4().int % 1_000_003)
+  step = lambda s, b, r, f: jnp.tanh(s * c + b)
+  x = jnp.ones((4,), jnp.float32)
+  old = jax.config.jax_persistent_cache_min_compile_time_secs
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
+  try:
+    first, second = {}, {}
+    compiled, _ = train.compile_ahead(jax.jit(step), x, x, None, None, first)
+    jax.clear_caches()
+    again, _ = train.compile_ahead(jax.jit(step), x, x, None, None, second)
+  finally:
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', old)
+  assert (first['cache_hit'], second['cache_hit']) == (False, True)
+  np.testing.assert_array_equal(again(x, x, None, None), compiled(x, x, None, None))
+  assert set(first) == {'trace_s', 'xla_compile_s', 'cache_hit'}
