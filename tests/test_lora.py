@@ -57,7 +57,9 @@ def test_diffusers_lora_reproduces_peft_outputs(tiny_sd, diffusers_lora):
   merged = method.merge(params, trainable)
   x, t, ctx = ref['latents'], ref['t'], ref['context']
   eps = jax.jit(sd.predict)(merged['unet'], x, t, ctx)
-  np.testing.assert_allclose(eps, ref['lora_eps'], atol=2e-4, rtol=1e-4)
+  # Flax's GEGLU uses tanh-GELU where PyTorch's is exact: ~1e-4 on these outputs
+  # of ~1, and up to 2.1e-4 on some CPUs (seen on one element of 256).
+  np.testing.assert_allclose(eps, ref['lora_eps'], atol=3e-4, rtol=1e-4)
   te = jax.jit(sd.encode_text)(merged['text_encoder'], ref['ids'])
   np.testing.assert_allclose(te, ref['lora_te'], atol=2e-4, rtol=1e-4)
   # (The step's interceptor form equals the merge: test_lora_interceptor_dropout_and_merge_on_a_block.)
