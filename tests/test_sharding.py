@@ -317,11 +317,9 @@ def test_cpu_compiler_options_follow_the_mesh_and_the_model_width(tiny_sd):
                   'xla_cpu_experimental_ynn_fusion_type': ''}
   # XLA takes them (a misspelt option or value is refused at compile time).
   jax.jit(lambda x: x * 2, compiler_options=wide).lower(np.ones(3)).compile()
-  sd, _ = tiny_sd
-  config = ml_collections.ConfigDict(dict(
-      prediction_type='', batch_size=1, grad_accum_steps=1, prior_preservation=False,
-      prior_loss_weight=1.0, train_text_encoder=False, learning_rate=1e-4, lr_schedule='constant',
-      warmup_steps=0, num_steps=1, adam_b1=0.9, adam_b2=0.999, adam_eps=1e-8,
-      weight_decay=0.0, max_grad_norm=1.0, optimizer_state_dtype='float32'))
-  assert not train.make_step_spec(sd, config).wide_convs
+  from configs import tiny as tiny_config  # pylint: disable=g-import-not-at-top
+  from dpg_jax import bench  # pylint: disable=g-import-not-at-top
+  assert not train.make_step_spec(tiny_sd[0], tiny_config.get_config()).wide_convs
+  sd14 = bench.sd14_random('float32', False, 'standard', abstract=True)[0]   # shapes only
+  assert train.make_step_spec(sd14, tiny_config.get_config()).wide_convs
   assert train.WIDE_CONV_CHANNELS <= 320   # SD1.x's narrowest block
